@@ -1,0 +1,199 @@
+"""The ``synthgen`` command line: one command per pipeline stage, plus ``run`` and ``serve``.
+
+Every stage command reads ``params.yaml`` (``--params``), accepts ``--set key.sub=value``
+overrides, and delegates to the stage module's ``main``. Heavy modules (torch, prefect) are
+imported inside the commands so ``synthgen --help`` stays fast. Errors in the user's data or
+params exit with status 2 and a one-line message naming the culprit, not a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="synthgen",
+    help="Synthetic data augmentation for scarce or imbalanced labeled image datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one key, e.g. --set train.steps=200 (repeatable)."),
+]
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+CHECKPOINTS = Path("checkpoints")
+POOL = Path("data/synthetic/pool")
+SYNTHETIC = Path("data/synthetic")
+REPORTS = Path("reports")
+
+
+def _config(params: Path, overrides: list[str] | None):
+    from synthgen.config import load_config
+
+    return load_config(params if params.exists() or str(params) != "params.yaml" else None, overrides or [])
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from synthgen.config import ConfigError
+    from synthgen.data import DataError
+
+    return (ConfigError, DataError, FileNotFoundError)
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage's main, turning user errors into a clean non-zero exit."""
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as error:
+        _fail(error)
+
+
+@app.command()
+def prepare(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = PREPARED,
+) -> None:
+    """Load `data.source`, draw the scarce train split plus disjoint val and test splits.
+
+    Reads: params `data.*` and the source dataset. Writes: OUT/{train,val,test}.npz,
+    OUT/meta.json (class names, per-split per-class counts) and OUT/summary.json.
+    """
+    from synthgen import data
+
+    _run(data.main, _config(params, set_), out)
+
+
+@app.command()
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    prepared: Annotated[Path, typer.Option(help="Prepared splits.")] = PREPARED,
+    out: Annotated[Path, typer.Option(help="Model output root; the model goes to OUT/<train.model>/.")] = MODELS,
+    checkpoints: Annotated[Path, typer.Option(help="Resumable checkpoints root.")] = CHECKPOINTS,
+) -> None:
+    """Train the conditional generator (`train.model`: cgan or cvae), resuming from the last checkpoint.
+
+    Reads: PREPARED/, params `train.*`. Writes: OUT/<model>/ (weights with their config,
+    summary.json, losses.csv, sample grids) and CHECKPOINTS/<model>/last.pt.
+    """
+    from synthgen import train as train_stage
+
+    _run(train_stage.main, _config(params, set_), prepared, out, checkpoints)
+
+
+@app.command()
+def generate(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    prepared: Annotated[Path, typer.Option(help="Prepared splits.")] = PREPARED,
+    models: Annotated[Path, typer.Option(help="Model root written by `train`.")] = MODELS,
+    out: Annotated[Path, typer.Option(help="Candidate pool directory.")] = POOL,
+) -> None:
+    """Plan per-class quotas and sample an over-generated candidate pool in large batches.
+
+    Reads: PREPARED/, MODELS/<train.model>/, params `generate.*`. Writes: OUT/ (shards, plan).
+    """
+    from synthgen import generate as generate_stage
+
+    _run(generate_stage.main, _config(params, set_), prepared, models, out)
+
+
+@app.command(name="filter")
+def filter_(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    prepared: Annotated[Path, typer.Option(help="Prepared splits.")] = PREPARED,
+    models: Annotated[Path, typer.Option(help="Model root written by `train`.")] = MODELS,
+    pool: Annotated[Path, typer.Option(help="Candidate pool written by `generate`.")] = POOL,
+    out: Annotated[Path, typer.Option(help="Synthetic output root.")] = SYNTHETIC,
+) -> None:
+    """Score candidates (discriminator, classifier confidence, novelty), keep each class's quota.
+
+    Reads: PREPARED/, MODELS/, POOL/, params `filter.*` and `generate.*`. Writes: OUT/accepted/
+    (ImageFolder), OUT/manifest.csv, OUT/filter_summary.json and plots.
+    """
+    from synthgen import filter as filter_stage
+
+    _run(filter_stage.main, _config(params, set_), prepared, models, pool, out)
+
+
+@app.command()
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    prepared: Annotated[Path, typer.Option(help="Prepared splits.")] = PREPARED,
+    synthetic: Annotated[Path, typer.Option(help="Synthetic output root written by `filter`.")] = SYNTHETIC,
+    pool: Annotated[Path, typer.Option(help="Unfiltered candidate pool (ablation arms).")] = POOL,
+    out: Annotated[Path, typer.Option(help="Reports directory.")] = REPORTS,
+) -> None:
+    """Train the fixed downstream classifier on every arm over several seeds; score on the test split.
+
+    Reads: PREPARED/, SYNTHETIC/, POOL/, params `evaluate.*`. Writes: OUT/metrics.json (verdict,
+    gains, counts) and OUT/evaluation/ (per-arm, per-seed, per-class results).
+    """
+    from synthgen import evaluate as evaluate_stage
+
+    _run(evaluate_stage.main, _config(params, set_), prepared, synthetic, pool, out)
+
+
+@app.command()
+def report(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    prepared: Annotated[Path, typer.Option(help="Prepared splits.")] = PREPARED,
+    models: Annotated[Path, typer.Option(help="Model root written by `train`.")] = MODELS,
+    synthetic: Annotated[Path, typer.Option(help="Synthetic output root written by `filter`.")] = SYNTHETIC,
+    out: Annotated[Path, typer.Option(help="Reports directory.")] = REPORTS,
+) -> None:
+    """Write REPORT.md (a data card for the synthetic set) and its plots.
+
+    Reads: everything the earlier stages wrote. Writes: OUT/REPORT.md and OUT/figures/*.png.
+    """
+    from synthgen import report as report_stage
+
+    _run(report_stage.main, _config(params, set_), prepared, models, synthetic, out)
+
+
+@app.command()
+def run(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = None,
+    push: Annotated[bool, typer.Option(help="`dvc push` at the end.")] = True,
+) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral server; DVC decides what is stale)."""
+    from flows import augment
+
+    _run(augment.run_from_cli, params, set_ or [], push)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *'.")] = "0 3 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "synthgen-nightly",
+) -> None:
+    """Register a scheduled deployment of the flow and serve it (needs `prefect server start`)."""
+    from flows import augment
+
+    _run(augment.serve, cron=cron, name=name)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

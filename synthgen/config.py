@@ -1,0 +1,202 @@
+"""Typed, frozen configuration for every stage, loaded from ``params.yaml``.
+
+One section per stage (``data``, ``train``, ``generate``, ``filter``, ``evaluate``).
+Each section is a frozen pydantic model that forbids unknown keys, so a typo such as
+``filter.clasifier_threshold`` fails loudly with the dotted key named, instead of being
+silently ignored. ``load_config(path, overrides=["train.steps=100"])`` applies single-key
+overrides (the CLI's ``--set``) before validation, so overrides are type-checked too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Invalid params: the message names the file and the dotted key at fault."""
+
+
+class Section(BaseModel):
+    """Base for every config section: immutable, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- data
+class LongTail(Section):
+    """Long-tailed scarce split: class c gets round(max * ratio ** (-c / (K - 1))), at least 1."""
+
+    max: int = Field(50, ge=1, description="Images of the largest (first) class.")
+    ratio: float = Field(100.0, ge=1.0, description="Imbalance ratio largest / smallest.")
+
+
+class DataConfig(Section):
+    """Where the labeled images come from and how the scarce split is drawn."""
+
+    source: str = Field(
+        "digits",
+        description="'digits' (built-in), an ImageFolder directory, an .npz file, or a directory of IDX files.",
+    )
+    test_source: str | None = Field(
+        None, description="Optional separate test set (same formats); then splits come from `source` alone."
+    )
+    per_class: int | None = Field(20, ge=1, description="Scarce training images per class (null: see long_tail).")
+    long_tail: LongTail | None = Field(None, description="Long-tailed scarce split instead of per_class.")
+    val_per_class: int = Field(10, ge=1, description="Held-out real validation images per class (filters, early stopping).")
+    test_per_class: int | None = Field(
+        None, ge=1, description="Test images per class; null takes all that remain (or all of test_source)."
+    )
+    image_size: int | None = Field(
+        None, ge=4, description="Resize every image to this square size; null refuses mixed sizes."
+    )
+    seed: int = Field(0, description="Seed of the split draw.")
+
+    @model_validator(mode="after")
+    def _one_split_rule(self) -> "DataConfig":
+        if self.per_class is not None and self.long_tail is not None:
+            raise ValueError("data.per_class and data.long_tail are exclusive: set one of them to null")
+        return self
+
+
+# -------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    """Generator training (stage `train`). Model-specific sizes live in the model config dataclasses."""
+
+    model: Literal["cgan", "cvae"] = Field("cgan", description="Which conditional generator to train.")
+    seed: int = Field(0, description="Seed of weights, batches and noise.")
+    steps: int = Field(2000, ge=1, description="Optimiser steps (generator steps for the cGAN).")
+    batch_size: int = Field(64, ge=1, description="Real images per step.")
+    latent_dim: int = Field(64, ge=1, description="Size of the noise / latent vector.")
+    base_channels: int = Field(64, ge=4, description="Width of the networks.")
+    lr_generator: float = Field(2e-4, gt=0)
+    lr_discriminator: float = Field(2e-4, gt=0, description="cGAN only.")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of generator weights used for sampling.")
+    diffaugment: str = Field("translation,cutout", description="DiffAugment policy ('' disables).")
+    kl_weight: float = Field(1.0, ge=0, description="cVAE only: final KL weight.")
+    kl_warmup_steps: int = Field(500, ge=0, description="cVAE only: linear KL warm-up.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (and sample grids).")
+    log_every: int = Field(50, ge=1, description="Steps between loss-curve rows.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+
+
+# ----------------------------------------------------------------------- generate
+class GenerateConfig(Section):
+    """Class-balanced sampling plan and generation (stage `generate`)."""
+
+    balance: Literal["to_max", "to_count", "ratio"] = Field("to_max", description="How quotas are set.")
+    count: int = Field(100, ge=0, description="Target per class for balance=to_count.")
+    ratio: float = Field(1.0, ge=0, description="Synthetic = ratio x real per class for balance=ratio.")
+    min_per_class: int = Field(0, ge=0, description="Every class gets at least this many accepted samples.")
+    oversample: float = Field(2.0, ge=1.0, description="First-round over-generation factor before acceptance is measured.")
+    max_rounds: int = Field(4, ge=1, description="Bound on top-up rounds.")
+    batch_size: int = Field(1024, ge=1, description="Samples per generator forward pass.")
+    shard_size: int = Field(4096, ge=1, description="Samples per shard on disk.")
+    seed: int = Field(0)
+    executor: Literal["serial", "process", "dask"] = Field("serial", description="Where shards are generated.")
+    workers: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+
+
+# ------------------------------------------------------------------------- filter
+class FilterConfig(Section):
+    """Two-stage filtering plus novelty (stage `filter`)."""
+
+    discriminator: bool = Field(True, description="Use the discriminator-score filter (cGAN only).")
+    discriminator_quantile: float = Field(0.1, ge=0, le=1, description="Keep if D >= this quantile of real-val D scores of the class.")
+    classifier: bool = Field(True, description="Use the classifier-confidence filter.")
+    classifier_threshold: float = Field(0.5, ge=0, le=1, description="Min. probability of the conditioned class (after per-class calibration).")
+    classifier_calibration: Literal["none", "per_class"] = Field("per_class")
+    novelty: bool = Field(True, description="Reject near-copies of training images.")
+    novelty_threshold: float = Field(0.5, ge=0, description="Reject if NN distance < this x median real NN distance of the class.")
+    seed: int = Field(0)
+
+
+# ----------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    """Downstream utility harness (stage `evaluate`)."""
+
+    classifier: Literal["small_cnn"] = Field("small_cnn")
+    seeds: int = Field(5, ge=2, description="Classifier seeds per arm.")
+    steps: int = Field(300, ge=1, description="Identical optimiser-step budget for every arm.")
+    batch_size: int = Field(64, ge=1)
+    synthetic_weight: float = Field(1.0, ge=0, description="Loss weight of synthetic samples.")
+    allow_flips: bool = Field(False, description="Classical augmentation may flip horizontally.")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+
+
+class Config(Section):
+    """The whole of ``params.yaml``."""
+
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+# ------------------------------------------------------------------------ loading
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value as YAML, so `3`, `0.5`, `null`, `true` get their types."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = merged
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value.strip())
+    return merged
+
+
+def _format_errors(error: ValidationError, origin: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {key}: {item['msg']}")
+    return f"invalid params in {origin}:\n" + "\n".join(lines)
+
+
+def config_from_dict(raw: dict, origin: str = "<dict>") -> Config:
+    """Validate a plain dict (as read from YAML) into a frozen :class:`Config`."""
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, origin)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Load ``params.yaml`` (or defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict = {}
+    origin = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides or []), origin)
+
+
+def config_to_dict(config: Section) -> dict:
+    """Plain-JSON form of a config or section (what checkpoints and reports store)."""
+    return config.model_dump(mode="json")
