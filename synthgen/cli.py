@@ -38,7 +38,12 @@ REPORTS = Path("reports")
 def _config(params: Path, overrides: list[str] | None):
     from synthgen.config import load_config
 
-    return load_config(params if params.exists() or str(params) != "params.yaml" else None, overrides or [])
+    from synthgen.config import ConfigError
+
+    try:
+        return load_config(params if params.exists() or str(params) != "params.yaml" else None, overrides or [])
+    except ConfigError as error:
+        _fail(error)
 
 
 def _fail(error: Exception) -> None:
@@ -74,7 +79,8 @@ def prepare(
     """
     from synthgen import data
 
-    _run(data.main, _config(params, set_), out)
+    # _config inside _run: a bad params file or --set is a user error too (exit 2, no traceback)
+    _run(lambda: data.main(_config(params, set_), out))
 
 
 @app.command()
@@ -92,7 +98,10 @@ def train(
     """
     from synthgen import train as train_stage
 
-    _run(train_stage.main, _config(params, set_), prepared, out, checkpoints)
+    try:
+        _run(train_stage.main, _config(params, set_), prepared, out, checkpoints)
+    except train_stage.TrainingError as error:  # diverged: exit 2 naming the step, no traceback
+        _fail(error)
 
 
 @app.command()
@@ -174,10 +183,18 @@ def run(
     set_: SetOption = None,
     push: Annotated[bool, typer.Option(help="`dvc push` at the end.")] = True,
 ) -> None:
-    """Run the whole pipeline as a Prefect flow (ephemeral server; DVC decides what is stale)."""
+    """Run the whole pipeline as a Prefect flow (ephemeral server; DVC decides what is stale).
+
+    --set edits are validated, then written into params.yaml (comments kept), so a later
+    `dvc repro` is a no-op. Writes what the stages write; prints where REPORT.md is.
+    """
     from flows import augment
 
-    _run(augment.run_from_cli, params, set_ or [], push)
+    try:
+        _run(augment.run_from_cli, params, set_ or [], push)
+    except augment.StageFailed as error:  # the stage's own output was logged above
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

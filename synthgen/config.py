@@ -39,16 +39,20 @@ class DataConfig(Section):
 
     source: str = Field(
         "digits",
+        min_length=1,
         description="'digits' (built-in), an ImageFolder directory, an .npz file, or a directory of IDX files.",
     )
     test_source: str | None = Field(
         None, description="Optional separate test set (same formats); then splits come from `source` alone."
     )
-    per_class: int | None = Field(20, ge=1, description="Scarce training images per class (null: see long_tail).")
+    per_class: int | None = Field(
+        20, ge=1, description="Scarce training images per class (null: long_tail, or every remaining image if both null)."
+    )
     long_tail: LongTail | None = Field(None, description="Long-tailed scarce split instead of per_class.")
     val_per_class: int = Field(10, ge=1, description="Held-out real validation images per class (filters, early stopping).")
     test_per_class: int | None = Field(
         None, ge=1, description="Test images per class; null takes all that remain (or all of test_source)."
+        " Needed without test_source when per_class and long_tail are both null."
     )
     image_size: int | None = Field(
         None, ge=4, description="Resize every image to this square size; null refuses mixed sizes."
@@ -63,34 +67,64 @@ class DataConfig(Section):
 
 
 # -------------------------------------------------------------------------- train
+class CGANSection(Section):
+    """cGAN sizes and optimiser settings (used when train.model = cgan)."""
+
+    latent_dim: int = Field(64, ge=1, description="Size of the noise vector.")
+    base_channels: int = Field(32, ge=4, description="Width of the image-resolution layer (coarser layers are wider).")
+    lr_generator: float = Field(2e-4, gt=0)
+    lr_discriminator: float = Field(2e-4, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of generator weights used for sampling.")
+    diffaugment: str = Field("translation,cutout", description="DiffAugment ops, comma-separated from color,translation,cutout ('' disables).")
+
+    @model_validator(mode="after")
+    def _known_ops(self) -> "CGANSection":
+        unknown = [op for op in self.diffaugment.split(",") if op.strip() and op.strip() not in ("color", "translation", "cutout")]
+        if unknown:
+            raise ValueError(f"train.cgan.diffaugment: unknown op(s) {unknown}; choose from color, translation, cutout")
+        return self
+
+
+class CVAESection(Section):
+    """cVAE sizes and optimiser settings (used when train.model = cvae)."""
+
+    latent_dim: int = Field(16, ge=1, description="Size of the latent vector.")
+    base_channels: int = Field(32, ge=4, description="Width of the image-resolution layer (coarser layers are wider).")
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1.0, ge=0, description="Final weight of the KL term.")
+    kl_warmup_steps: int = Field(500, ge=0, description="Linear KL warm-up from 0 to kl_weight.")
+
+
 class TrainConfig(Section):
-    """Generator training (stage `train`). Model-specific sizes live in the model config dataclasses."""
+    """Generator training (stage `train`): shared loop settings plus one section per model."""
 
     model: Literal["cgan", "cvae"] = Field("cgan", description="Which conditional generator to train.")
     seed: int = Field(0, description="Seed of weights, batches and noise.")
-    steps: int = Field(2000, ge=1, description="Optimiser steps (generator steps for the cGAN).")
-    batch_size: int = Field(64, ge=1, description="Real images per step.")
-    latent_dim: int = Field(64, ge=1, description="Size of the noise / latent vector.")
-    base_channels: int = Field(64, ge=4, description="Width of the networks.")
-    lr_generator: float = Field(2e-4, gt=0)
-    lr_discriminator: float = Field(2e-4, gt=0, description="cGAN only.")
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of generator weights used for sampling.")
-    diffaugment: str = Field("translation,cutout", description="DiffAugment policy ('' disables).")
-    kl_weight: float = Field(1.0, ge=0, description="cVAE only: final KL weight.")
-    kl_warmup_steps: int = Field(500, ge=0, description="cVAE only: linear KL warm-up.")
-    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (and sample grids).")
+    steps: int = Field(2000, ge=1, description="Optimiser steps (one D + one G update each for the cGAN).")
+    batch_size: int = Field(64, ge=1, description="Real images per step (drawn with replacement).")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between resumable checkpoints (and sample grids).")
     log_every: int = Field(50, ge=1, description="Steps between loss-curve rows.")
+    eval_every: int = Field(250, ge=1, description="Steps between validation losses (val split).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better val loss (null: never)."
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+    cgan: CGANSection = CGANSection()
+    cvae: CVAESection = CVAESection()
 
 
 # ----------------------------------------------------------------------- generate
 class GenerateConfig(Section):
     """Class-balanced sampling plan and generation (stage `generate`)."""
 
-    balance: Literal["to_max", "to_count", "ratio"] = Field("to_max", description="How quotas are set.")
-    count: int = Field(100, ge=0, description="Target per class for balance=to_count.")
-    ratio: float = Field(1.0, ge=0, description="Synthetic = ratio x real per class for balance=ratio.")
-    min_per_class: int = Field(0, ge=0, description="Every class gets at least this many accepted samples.")
+    balance: Literal["to_max", "to_count", "ratio"] = Field(
+        "to_max", description="to_max: lift every class to the largest real count; to_count: to `count` (real + synthetic); ratio: see `ratio`."
+    )
+    count: int = Field(100, ge=0, description="Target real + synthetic per class for balance=to_count.")
+    ratio: float = Field(
+        1.0, ge=0, description="balance=ratio: ratio x all real images, given to the smallest classes first (ratio x real per class when balanced)."
+    )
+    min_per_class: int = Field(100, ge=0, description="Every class's quota is at least this (balanced data has no to_max deficit).")
     oversample: float = Field(2.0, ge=1.0, description="First-round over-generation factor before acceptance is measured.")
     max_rounds: int = Field(4, ge=1, description="Bound on top-up rounds.")
     batch_size: int = Field(1024, ge=1, description="Samples per generator forward pass.")
@@ -109,23 +143,35 @@ class FilterConfig(Section):
     discriminator_quantile: float = Field(0.1, ge=0, le=1, description="Keep if D >= this quantile of real-val D scores of the class.")
     classifier: bool = Field(True, description="Use the classifier-confidence filter.")
     classifier_threshold: float = Field(0.5, ge=0, le=1, description="Min. probability of the conditioned class (after per-class calibration).")
-    classifier_calibration: Literal["none", "per_class"] = Field("per_class")
+    classifier_calibration: Literal["none", "per_class"] = Field(
+        "per_class", description="per_class: t_c = min(threshold, classifier_quantile of p_c on real val images of class c)."
+    )
+    classifier_quantile: float = Field(0.1, ge=0, le=1, description="Quantile of real-val confidences for per-class calibration.")
+    classifier_steps: int = Field(300, ge=1, description="Training steps of the real-data filter classifier (train split only).")
     novelty: bool = Field(True, description="Reject near-copies of training images.")
     novelty_threshold: float = Field(0.5, ge=0, description="Reject if NN distance < this x median real NN distance of the class.")
     seed: int = Field(0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
 
 
 # ----------------------------------------------------------------------- evaluate
 class EvaluateConfig(Section):
     """Downstream utility harness (stage `evaluate`)."""
 
-    classifier: Literal["small_cnn"] = Field("small_cnn")
-    seeds: int = Field(5, ge=2, description="Classifier seeds per arm.")
-    steps: int = Field(300, ge=1, description="Identical optimiser-step budget for every arm.")
+    classifier: Literal["small_cnn"] = Field("small_cnn", description="Fixed downstream classifier (not tuned per run).")
+    width: int = Field(32, ge=4, description="Classifier width (same for every arm).")
+    lr: float = Field(2e-3, gt=0, description="Classifier peak learning rate (same for every arm).")
+    seeds: int = Field(5, ge=2, description="Classifier seeds per arm (paired across arms).")
+    seed: int = Field(0, description="First classifier seed; seeds are seed, seed+1, ...")
+    steps: int = Field(200, ge=1, description="Identical optimiser-step budget for every arm.")
     batch_size: int = Field(64, ge=1)
-    synthetic_weight: float = Field(1.0, ge=0, description="Loss weight of synthetic samples.")
+    synthetic_weight: float = Field(1.0, ge=0, description="Loss weight of synthetic samples (real = 1).")
+    synthetic_per_class: int | None = Field(None, ge=0, description="Cap on synthetic samples used per class (null: all accepted).")
+    soft_label_mix: float = Field(0.0, ge=0, le=1, description="Synthetic targets = (1 - mix) one-hot + mix x a real-train teacher's probabilities (0: hard labels).")
     allow_flips: bool = Field(False, description="Classical augmentation may flip horizontally.")
-    confidence: float = Field(0.95, gt=0, lt=1)
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of the t-intervals over seeds.")
+    quality: bool = Field(True, description="Also compute generator quality (CAS, Frechet distance, precision/recall, near-copies).")
+    quality_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
 
 

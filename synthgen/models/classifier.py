@@ -17,7 +17,6 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from torch.nn import functional as F
-from torchvision.transforms import v2
 
 from synthgen.data import to_tensor
 from synthgen.device import autocast, resolve_device
@@ -66,15 +65,23 @@ class SmallCNN(nn.Module):
 def classic_augment(images: torch.Tensor, allow_flips: bool = False) -> torch.Tensor:
     """Classical augmentation, an independent draw per image: small random affine (+ optional h-flip).
 
-    torchvision v2 transforms draw one set of parameters per call, so each image gets its own call.
+    Rotation within +-10 degrees, translation within +-10 % of the size, scale 0.9-1.1, empty
+    border filled with -1 (black). Vectorised over the batch with one ``affine_grid`` /
+    ``grid_sample`` call (a per-image torchvision loop was the evaluation harness's bottleneck);
+    draws come from torch's global RNG, which ``CNNClassifier.fit`` seeds.
     """
-    affine = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=-1.0)
-    flip = v2.RandomHorizontalFlip() if allow_flips else None
-    out = torch.empty_like(images)
-    for i in range(images.shape[0]):
-        image = affine(images[i])
-        out[i] = flip(image) if flip is not None else image
-    return out
+    n, device = images.shape[0], images.device
+    angle = (torch.rand(n) * 2 - 1) * (torch.pi * 10 / 180)
+    scale = 0.9 + 0.2 * torch.rand(n)
+    shift = (torch.rand(n, 2) * 2 - 1) * 0.2  # grid coordinates span [-1, 1]: 10 % of the size is 0.2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    if allow_flips:
+        flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+        theta[:, :, 0] *= flip[:, None]  # mirror the sampled x coordinate
+    grid = F.affine_grid(theta.to(device, images.dtype), list(images.shape), align_corners=False)
+    # shift to [0, 2] so zero padding becomes -1 after shifting back
+    return F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
 
 
 class CNNClassifier(ClassifierMixin, BaseEstimator):
@@ -124,7 +131,11 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         weights = torch.from_numpy(probs / probs.sum())
         return lambda: torch.multinomial(weights, self.batch_size, replacement=True, generator=rng)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> "CNNClassifier":
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
+            soft_targets: np.ndarray | None = None) -> "CNNClassifier":
+        """Train for ``steps`` batches. ``soft_targets`` (N, K) probabilities replace the one-hot
+        targets in the loss (e.g. a real-data teacher's soft labels for synthetic samples);
+        ``y`` still drives class-balanced sampling."""
         X, y = np.asarray(X), np.asarray(y).astype(np.int64)
         if X.ndim != 4 or X.dtype != np.uint8:
             raise ValueError(f"X must be uint8 (N, H, W, C), got {X.dtype} {X.shape}")
@@ -139,6 +150,10 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         rng = torch.Generator().manual_seed(seed)
         model = SmallCNN(SmallCNNConfig(X.shape[3], n_classes, self.width), X.shape[1:3]).to(device)
         images, labels = to_tensor(X, device), torch.from_numpy(y).to(device)
+        if soft_targets is not None:  # (N, K) probabilities: cross_entropy accepts them as targets
+            if np.shape(soft_targets) != (len(y), n_classes):
+                raise ValueError(f"soft_targets must have shape {(len(y), n_classes)}, got {np.shape(soft_targets)}")
+            labels = torch.as_tensor(soft_targets, dtype=torch.float32, device=device)
         weights = torch.ones(len(y), device=device) if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=self.steps, pct_start=0.15)

@@ -1,0 +1,171 @@
+"""The filter stage's outputs, written so that a killed run never leaves a half-written accepted set.
+
+Layout under the synthetic root (``data/synthetic/``)::
+
+    accepted/<class_name>/<sample_id>.png   ImageFolder view (grey 'L' or RGB, real image size)
+    accepted-shards/shard-00000.npz         the same samples as npz shards (x, y, sample_id): fast to load
+    manifest.csv                            one row per candidate, every rejection explained
+    figures/                                score_histograms.png (thresholds drawn), accepted_vs_rejected.png
+    filter_summary.json                     per-class counts, acceptance per filter, thresholds, shortfalls
+
+Everything is built in a hidden staging directory next to them. :func:`commit` first deletes
+``filter_summary.json`` (from then on the old set counts as absent), swaps each output in with
+``os.replace``, and moves the new summary in LAST: the summary is the commit marker, and
+:func:`load_accepted` refuses a root without one or whose shards disagree with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.utils import make_grid, save_image
+
+from synthgen.data import DataError, LabeledImages, to_tensor
+from synthgen.generate import read_shard, shard_paths
+from synthgen.io import atomic_write_text, read_json, save_npz, write_json
+
+OUTPUT_NAMES = ("accepted", "accepted-shards", "manifest.csv", "figures")
+SUMMARY_NAME = "filter_summary.json"
+MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", "d_score", "classifier_prob", "nn_distance", "accepted", "rejected_by"]
+GRID_PER_CLASS = 8
+STAGING_PREFIX = ".filter-staging-"
+
+
+@contextlib.contextmanager
+def staging(synthetic_root: str | Path) -> Iterator[Path]:
+    """A fresh hidden work dir in ``synthetic_root`` (stale ones from killed runs are removed first)."""
+    root = Path(synthetic_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+    try:
+        yield work_dir
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """uint8 (H, W, C) -> PNG: mode 'L' for one channel, 'RGB' for three (fast zlib level)."""
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, compress_level=1)
+
+
+def manifest_table(table: pd.DataFrame, class_names) -> pd.DataFrame:
+    manifest = table.assign(**{"class": np.asarray(class_names, dtype=object)[table["label"].to_numpy()]})
+    return manifest[MANIFEST_COLUMNS]
+
+
+def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names) -> dict:
+    """Pass over the candidate shards writing PNGs + accepted shards; returns grid examples per class."""
+    accepted_ids = table.loc[table["accepted"], "sample_id"].to_numpy()
+    rejected_ids = table.loc[~table["accepted"], "sample_id"].to_numpy()
+    image_dir, shard_dir = work_dir / "accepted", work_dir / "accepted-shards"
+    for name in class_names:
+        (image_dir / name).mkdir(parents=True, exist_ok=True)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    examples: dict = {(c, kind): [] for c in range(len(class_names)) for kind in ("accepted", "rejected")}
+    written = 0
+    for path in shards:
+        shard = read_shard(path)
+        mask = np.isin(shard["sample_id"], accepted_ids)
+        for image, label, sample_id in zip(shard["x"][mask], shard["y"][mask], shard["sample_id"][mask]):
+            save_png(image, image_dir / class_names[label] / f"{sample_id:09d}.png")
+        if mask.any():
+            save_npz(shard_dir / f"shard-{written:05d}.npz", x=shard["x"][mask], y=shard["y"][mask], sample_id=shard["sample_id"][mask])
+            written += 1
+        for kind, kind_mask in (("accepted", mask), ("rejected", np.isin(shard["sample_id"], rejected_ids))):
+            for image, label in zip(shard["x"][kind_mask], shard["y"][kind_mask]):
+                if len(examples[label, kind]) < GRID_PER_CLASS:
+                    examples[label, kind].append(image)
+    return examples
+
+
+def _grid_figure(examples: dict, n_classes: int, image_shape, path: Path) -> None:
+    """One row per class: up to 8 accepted samples, then up to 8 rejected (blank where missing)."""
+    blank = np.zeros(image_shape, dtype=np.uint8)
+    rows = []
+    for label in range(n_classes):
+        for kind in ("accepted", "rejected"):
+            images = examples[label, kind][:GRID_PER_CLASS]
+            rows += images + [blank] * (GRID_PER_CLASS - len(images))
+    grid = make_grid(to_tensor(np.stack(rows)), nrow=2 * GRID_PER_CLASS, padding=1, normalize=True, value_range=(-1, 1))
+    save_image(grid, path)
+
+
+def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Path) -> None:
+    """One panel per active filter: candidate scores, each class's threshold drawn as a vertical line."""
+    from synthgen.filter import FILTERS, SCORE_COLUMNS
+
+    active = [name for name in FILTERS if filters.get(name) is not None]
+    figure = Figure(figsize=(4.5 * max(len(active), 1), 3.2))
+    for position, name in enumerate(active):
+        axis = figure.add_subplot(1, len(active), position + 1)
+        scores = table[SCORE_COLUMNS[name]].to_numpy()
+        axis.hist(scores[np.isfinite(scores)], bins=40, color="0.6")
+        for label, class_name in enumerate(class_names):  # per-class thresholds (calibrated)
+            axis.axvline(filters[name].thresholds_[label], color=f"C{label % 10}", linewidth=0.8, label=str(class_name))
+        axis.set_title(f"{SCORE_COLUMNS[name]} (lines: class thresholds)", fontsize=9)
+    if active:
+        figure.axes[-1].legend(fontsize=6, ncol=2, loc="upper right")
+    figure.savefig(path, dpi=80)
+
+
+def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, filters: dict, summary: dict) -> None:
+    """Write every output into ``work_dir`` (the staging dir); nothing outside it is touched."""
+    class_names = list(class_names)
+    first = read_shard(shards[0])["x"] if shards else None
+    image_shape = list(first.shape[1:]) if first is not None else summary.get("image_shape", [1, 1, 1])
+    examples = _write_accepted(work_dir, table, shards, class_names)
+    atomic_write_text(work_dir / "manifest.csv", manifest_table(table, class_names).to_csv(index=False))
+    figures = work_dir / "figures"
+    figures.mkdir()
+    _histogram_figure(table, filters, class_names, figures / "score_histograms.png")
+    _grid_figure(examples, len(class_names), image_shape, figures / "accepted_vs_rejected.png")
+    write_json(work_dir / SUMMARY_NAME, {"class_names": class_names, "image_shape": image_shape, **summary})
+
+
+def commit(work_dir: Path, synthetic_root: str | Path) -> None:
+    """Swap the staged outputs in; the summary (commit marker) goes first out and last in."""
+    root = Path(synthetic_root)
+    (root / SUMMARY_NAME).unlink(missing_ok=True)
+    trash = Path(tempfile.mkdtemp(prefix=".filter-old-", dir=root))
+    try:
+        for name in OUTPUT_NAMES:
+            if (root / name).exists():
+                os.replace(root / name, trash / name)
+            os.replace(work_dir / name, root / name)
+        os.replace(work_dir / SUMMARY_NAME, root / SUMMARY_NAME)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_accepted(synthetic_root: str | Path) -> LabeledImages:
+    """The committed accepted set from its npz shards (``index`` = sample_id)."""
+    root = Path(synthetic_root)
+    summary_path = root / SUMMARY_NAME
+    if not summary_path.is_file():
+        raise DataError(f"{summary_path} not found: `synthgen filter` has not completed for {root}")
+    summary = read_json(summary_path)
+    shards = [read_shard(path) for path in shard_paths(root / "accepted-shards")]
+    height, width, channels = summary["image_shape"]
+    x = np.concatenate([s["x"] for s in shards]) if shards else np.zeros((0, height, width, channels), np.uint8)
+    y = np.concatenate([s["y"] for s in shards]) if shards else np.zeros(0, np.int64)
+    ids = np.concatenate([s["sample_id"] for s in shards]) if shards else np.zeros(0, np.int64)
+    if len(y) != summary["accepted"]:
+        raise DataError(f"{root / 'accepted-shards'} holds {len(y)} samples but {summary_path} says {summary['accepted']}")
+    return LabeledImages(x, y.astype(np.int64), tuple(summary["class_names"]), ids)
+
+
+def load_manifest(synthetic_root: str | Path) -> pd.DataFrame:
+    """manifest.csv with ``rejected_by`` = '' for accepted rows (CSV reads empty cells as NaN)."""
+    manifest = pd.read_csv(Path(synthetic_root) / "manifest.csv")
+    return manifest.assign(rejected_by=manifest["rejected_by"].fillna(""))

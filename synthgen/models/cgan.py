@@ -1,0 +1,216 @@
+"""Class-conditional GAN for scarce data: conditional-BN generator, projection discriminator.
+
+* Generator: noise + class embedding -> linear to a small base map (about 4x4), ``k`` blocks of
+  (class-conditional BN, ReLU, 2x nearest upsampling, 3x3 conv), then a centre crop to the exact
+  (H, W). ``k`` is chosen from the image size, so 8x8, 28x28, 32x32 and 64x64 all work.
+* Discriminator: 3x3 spectral-norm convs with average pooling, global sum pooling and a
+  projection head (Miyato & Koyama 2018): ``D(x, y) = w . h + embed(y) . h``.
+* Hinge loss, DiffAugment on everything the discriminator sees, EMA of the generator weights
+  (what sampling uses). ``train_step`` is one discriminator step plus one generator step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from synthgen.device import autocast
+from synthgen.models.diffaugment import diff_augment
+
+
+@dataclass(frozen=True)
+class CGANConfig:
+    n_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    latent_dim: int = 64
+    base_channels: int = 32
+    max_channel_mult: int = 4
+
+
+def n_resamplings(height: int, width: int, max_steps: int = 4) -> int:
+    """How many 2x steps separate the image from a base map of 4-8 px (8 -> 1, 28 -> 2, 32 -> 3, 64 -> 4).
+
+    An exact halving chain is preferred (28 = 7 * 2^2, no wasted border); otherwise the base map is
+    ceil(size / 2^k) of at least 4 px and the generator crops its output to the exact size.
+    """
+    size, steps = min(height, width), 0
+    while steps < max_steps and math.ceil(size / 2 ** (steps + 1)) >= 4:
+        steps += 1
+    exact = 0
+    while exact < max_steps and size % 2 ** (exact + 1) == 0 and size // 2 ** (exact + 1) >= 4:
+        exact += 1
+    return exact if size // 2**exact <= 8 else steps
+
+
+def level_channels(config: CGANConfig, n_levels: int) -> list[int]:
+    """Channels from the coarsest level (index 0) to the image-resolution level (index ``n_levels``)."""
+    return [config.base_channels * min(2 ** (n_levels - i), config.max_channel_mult) for i in range(n_levels + 1)]
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm whose scale and shift are looked up per class."""
+
+    def __init__(self, channels: int, n_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Embedding(n_classes, channels)
+        self.bias = nn.Embedding(n_classes, channels)
+        nn.init.zeros_(self.gain.weight)  # starts as plain BN: scale 1 + 0, shift 0
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        gain = 1.0 + self.gain(labels)[:, :, None, None]  # (N, C, 1, 1)
+        return self.norm(x) * gain + self.bias(labels)[:, :, None, None]
+
+
+class Generator(nn.Module):
+    """(z (N, latent_dim), labels (N,)) -> raw image (N, C, H, W); the caller applies the output activation."""
+
+    def __init__(self, config: CGANConfig):
+        super().__init__()
+        self.config = config
+        channels_out, height, width = config.image_shape
+        self.n_levels = n_resamplings(height, width)
+        self.base_size = (math.ceil(height / 2**self.n_levels), math.ceil(width / 2**self.n_levels))
+        channels = level_channels(config, self.n_levels)
+        self.embed = nn.Embedding(config.n_classes, config.latent_dim)
+        self.stem = nn.Linear(2 * config.latent_dim, channels[0] * self.base_size[0] * self.base_size[1])
+        self.norms = nn.ModuleList(ConditionalBatchNorm(c, config.n_classes) for c in channels[:-1])
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(channels[:-1], channels[1:]))
+        self.out_norm = ConditionalBatchNorm(channels[-1], config.n_classes)
+        self.out_conv = nn.Conv2d(channels[-1], channels_out, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.stem(torch.cat([z, self.embed(labels)], dim=1))
+        h = h.view(z.shape[0], -1, *self.base_size)  # (N, C0, h0, w0)
+        for norm, conv in zip(self.norms, self.convs):
+            h = conv(F.interpolate(F.relu(norm(h, labels)), scale_factor=2.0, mode="nearest"))
+        h = self.out_conv(F.relu(self.out_norm(h, labels)))  # (N, C, h0 * 2^k, w0 * 2^k)
+        return center_crop(h, self.config.image_shape[1:])
+
+
+def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    top, left = (x.shape[2] - size[0]) // 2, (x.shape[3] - size[1]) // 2
+    return x[:, :, top : top + size[0], left : left + size[1]]
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator with spectral norm: (images, labels) -> (N,) realness logits."""
+
+    def __init__(self, config: CGANConfig):
+        super().__init__()
+        channels_in, height, width = config.image_shape
+        n_levels = n_resamplings(height, width)
+        channels = [channels_in] + level_channels(config, n_levels)[::-1]  # image level first
+        self.n_levels = n_levels
+        self.convs = nn.ModuleList(spectral_norm(nn.Conv2d(a, b, 3, padding=1)) for a, b in zip(channels[:-1], channels[1:]))
+        self.linear = spectral_norm(nn.Linear(channels[-1], 1))
+        self.embed = spectral_norm(nn.Embedding(config.n_classes, channels[-1]))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            x = F.leaky_relu(conv(x), 0.2)
+            if i < self.n_levels:
+                x = F.avg_pool2d(x, 2)
+        h = x.sum(dim=(2, 3))  # (N, C_last) global sum pooling
+        return self.linear(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+
+
+class CGAN(nn.Module):
+    """Generator, discriminator and the EMA generator used for sampling."""
+
+    def __init__(self, config: CGANConfig):
+        super().__init__()
+        self.config = config
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
+
+
+def output_activation(raw: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(raw)
+
+
+def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.mean()
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """EMA of weights with a warm-up (decay grows with the step); BN buffers are copied."""
+    decay = min(decay, (1.0 + step) / (10.0 + step))
+    for ema_param, param in zip(ema.parameters(), model.parameters()):
+        ema_param.lerp_(param, 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def build_optimizers(model: CGAN, lr_generator: float, lr_discriminator: float) -> dict[str, torch.optim.Optimizer]:
+    betas = (0.0, 0.99)  # beta1 = 0 is the usual choice for hinge-loss GANs with spectral norm
+    return {
+        "generator": torch.optim.Adam(model.generator.parameters(), lr=lr_generator, betas=betas),
+        "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=lr_discriminator, betas=betas),
+    }
+
+
+def _noise(n: int, latent_dim: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(n, latent_dim, generator=rng).to(device)
+
+
+def train_step(
+    model: CGAN,
+    optimizers: dict[str, torch.optim.Optimizer],
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    rng: torch.Generator,
+    step: int,
+    policy: tuple[str, ...],
+    ema_decay: float,
+) -> dict[str, torch.Tensor]:
+    """One discriminator step and one generator step on a batch of real (N, C, H, W) images."""
+    device, latent_dim = real.device, model.config.latent_dim
+    generator, discriminator = model.generator, model.discriminator
+    with autocast(device):
+        with torch.no_grad():
+            fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels))
+        # One discriminator pass over real and fake together: (2N, C, H, W) -> (2N,) logits.
+        augmented = torch.cat([diff_augment(real, policy, rng), diff_augment(fake, policy, rng)])
+        real_logits, fake_logits = discriminator(augmented, torch.cat([labels, labels])).float().chunk(2)
+    loss_d = hinge_discriminator_loss(real_logits, fake_logits)
+    optimizers["discriminator"].zero_grad(set_to_none=True)
+    loss_d.backward()
+    optimizers["discriminator"].step()
+
+    with autocast(device):
+        fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels))
+        loss_g = hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), labels).float())
+    optimizers["generator"].zero_grad(set_to_none=True)
+    loss_g.backward()
+    optimizers["generator"].step()
+    update_ema(model.ema_generator, generator, ema_decay, step)
+    return {
+        "loss_d": loss_d.detach(),
+        "loss_g": loss_g.detach(),
+        "d_real": real_logits.detach().mean(),
+        "d_fake": fake_logits.detach().mean(),
+    }
+
+
+@torch.no_grad()
+def validation_loss(model: CGAN, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Hinge 'real' loss of the discriminator on held-out real images (rises as D memorises train)."""
+    model.discriminator.eval()
+    with autocast(images.device):
+        logits = model.discriminator(images, labels).float()
+    model.discriminator.train()
+    return float(F.relu(1.0 - logits).mean())

@@ -1,0 +1,282 @@
+"""REPORT.md, a data card for the synthetic set, plus its figures (stage ``report``).
+
+Pure pieces the Prefect flow reuses: :func:`render_markdown` (metrics + card -> markdown that
+reads well on GitHub and as a Prefect markdown artifact) and :func:`summary_tables` (rows for
+Prefect table artifacts). Figures are drawn with matplotlib's Agg backend; the accepted-sample
+grid with torchvision's ``make_grid`` / ``save_image``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from synthgen.config import Config, config_to_dict
+from synthgen.data import DataError, LabeledImages, load_prepared, to_tensor
+from synthgen.io import atomic_dir, atomic_write_text, read_json
+
+LIMITATIONS = (
+    "The best baseline and the best synthetic arm are picked by mean test balanced accuracy, so the "
+    "reported gain carries a small selection effect; the paired t-interval over classifier seeds "
+    "does not cover the randomness of the split, the generator or the filter.",
+    "Seeds vary only the downstream classifier (weights, batches, augmentation), not the scarce "
+    "train split: a different draw of the few labeled images can change the conclusion.",
+    "Frechet distance and precision/recall use the features of a small CNN trained on the same "
+    "scarce real data (train + val), not Inception features: compare them across runs of this "
+    "project only; per-class values rest on few samples.",
+    "The near-copy check is pixel-L2 to the real train split; it does not catch shifted or "
+    "re-coloured copies.",
+)
+
+
+# ---------------------------------------------------------------------- tables
+def _pct(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.2f}"
+
+
+def _interval(stat: dict | None, signed: bool = False) -> str:
+    """'91.30 [90.10, 92.50]' in percent points."""
+    if not stat:
+        return "n/a"
+    sign = "+" if signed and stat["mean"] >= 0 else ""
+    return f"{sign}{_pct(stat['mean'])} [{_pct(stat['ci_low'])}, {_pct(stat['ci_high'])}]"
+
+
+def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(gains rows, per-class recall rows) as lists of flat dicts (Prefect table artifacts, markdown).
+
+    Gains are paired per-seed differences in balanced accuracy vs the best baseline, in points.
+    """
+    gains_rows = []
+    for arm, stats in metrics["arms"].items():
+        gain = metrics["gains"].get(arm, {}).get("balanced_accuracy")
+        gains_rows.append({
+            "arm": arm,
+            "balanced accuracy % [95% CI]": _interval(stats["balanced_accuracy"]),
+            "accuracy %": _interval(stats["accuracy"]),
+            "macro-F1 %": _interval(stats["macro_f1"]),
+            "tail-class recall %": _interval(stats["tail_recall"]),
+            "gain vs best baseline (points)": "best baseline" if arm == metrics["best_baseline"] else _interval(gain, signed=True),
+        })
+    recall = metrics["per_class_recall"]
+    n_classes = len(next(iter(recall.values())))
+    names = class_names or [str(c) for c in range(n_classes)]
+    per_class_rows = [{"class": names[c], **{arm: _pct(values[c]) for arm, values in recall.items()}} for c in range(n_classes)]
+    return gains_rows, per_class_rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """GitHub-flavoured markdown table from a list of flat dicts (keys of the first row are columns)."""
+    if not rows:
+        return "_(none)_"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def filter_rows(filter_summary: dict | None) -> list[dict]:
+    """Per-class counts before/after filtering and each filter's threshold/acceptance."""
+    if not filter_summary:
+        return []
+    rows = []
+    for name, entry in filter_summary.get("per_class", {}).items():
+        row = {"class": name}
+        for key, value in entry.items():
+            row[key] = f"{value:.3g}" if isinstance(value, float) else value
+        rows.append(row)
+    return rows
+
+
+def quality_rows(quality: dict | None, class_names: list[str]) -> list[dict]:
+    if not quality:
+        return []
+    rows = []
+    for entry in quality["per_class"]:
+        rows.append({
+            "class": class_names[entry["class"]], "synthetic": entry["n_synthetic"],
+            "Frechet": f"{entry['frechet']:.3g}", "precision": _pct(entry["precision"]),
+            "recall": _pct(entry["recall"]), "near-copy %": _pct(entry["near_copy_fraction"]),
+        })
+    return rows
+
+
+# -------------------------------------------------------------------- markdown
+def render_markdown(metrics: dict, card: dict) -> str:
+    """The whole REPORT.md. ``card``: class_names, meta, generator, filter_summary, params, figures."""
+    class_names = list(card["class_names"])
+    gains_rows, per_class_rows = summary_tables(metrics, class_names)
+    gain = metrics.get("gain")
+    quality = metrics.get("quality")
+    generator = card.get("generator") or {}
+    meta = card.get("meta") or {}
+    lines = [
+        "# Synthetic data card",
+        "",
+        f"**Verdict: {metrics['verdict']}** — {metrics['reason']}.",
+        "",
+        f"Best baseline: `{metrics['best_baseline']}`; best synthetic arm: `{metrics['best_synthetic']}`; "
+        f"gain {_interval(gain, signed=True)} points balanced accuracy (paired over "
+        f"{metrics['evaluate']['seeds']} classifier seeds, {int(100 * metrics['evaluate']['confidence'])}% t-interval).",
+        "",
+        "## Source data",
+        "",
+        f"Source `{meta.get('source')}`, image shape {meta.get('image_shape')}, {len(class_names)} classes, "
+        f"split rule `{(meta.get('split') or {}).get('rule')}`, seed {meta.get('seed')}. The test split is read only by `evaluate`.",
+        "",
+        markdown_table([{"split": split, **counts} for split, counts in (meta.get("counts") or {}).items()]),
+        "",
+        "## Generator",
+        "",
+        f"Model `{generator.get('model')}`, checkpoint `{generator.get('path')}`, sha256 `{generator.get('sha256')}`, "
+        f"{generator.get('steps')} steps.",
+        "",
+        "## Filtering",
+        "",
+        f"Thresholds and counts before/after filtering (filter params: `{(card.get('params') or {}).get('filter')}`).",
+        "",
+        markdown_table(filter_rows(card.get("filter_summary"))),
+        "",
+        "## Downstream evaluation",
+        "",
+        f"Fixed classifier `{metrics['evaluate']['classifier']}` (width {metrics['evaluate']['width']}), identical budget for "
+        f"every arm: {metrics['evaluate']['steps']} steps, batch {metrics['evaluate']['batch_size']}, lr {metrics['evaluate']['lr']}; "
+        f"synthetic loss weight {metrics['evaluate']['synthetic_weight']}. Train {metrics['counts']['train']} real images, "
+        f"{metrics['counts']['synthetic']} synthetic; test {metrics['counts']['test']} real images. "
+        f"Tail classes (fewest real images): {[class_names[c] for c in metrics['counts']['tail_classes']]}.",
+        "",
+        markdown_table(gains_rows),
+        "",
+        "![gain per arm](figures/gain_per_arm.png)",
+        "",
+        "### Per-class recall (%, mean over seeds)",
+        "",
+        markdown_table(per_class_rows),
+        "",
+        "![per-class recall](figures/per_class_recall.png)",
+        "",
+        "## Generator quality",
+        "",
+    ]
+    if quality:
+        lines += [
+            f"CAS (train on synthetic only, test on real): accuracy {_pct(quality['cas']['accuracy'])}%, "
+            f"balanced accuracy {_pct(quality['cas']['balanced_accuracy'])}%. Frechet distance {quality['frechet']:.3g}, "
+            f"precision {_pct(quality['precision'])}%, recall {_pct(quality['recall'])}% "
+            f"(k-NN manifolds; {quality['feature_space']}). Near-copies: {_pct(quality['near_copy_fraction'])}% "
+            f"(novelty rule, threshold {quality['near_copy_threshold']}).",
+            "",
+            markdown_table(quality_rows(quality, class_names)),
+        ]
+    else:
+        lines.append("_Not computed (no accepted samples or `evaluate.quality: false`)._")
+    lines += ["", "![accepted samples](figures/accepted_grid.png)", "", "## Limitations", ""]
+    lines += [f"- {item}" for item in LIMITATIONS]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------- figures
+def plot_gains(metrics: dict, path: Path) -> None:
+    """Horizontal bars: paired gain in balanced accuracy vs the best baseline, with CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [arm for arm in metrics["arms"] if arm in metrics["gains"]]
+    means = np.array([100 * metrics["gains"][a]["balanced_accuracy"]["mean"] for a in arms])
+    low = np.array([100 * metrics["gains"][a]["balanced_accuracy"]["ci_low"] for a in arms])
+    high = np.array([100 * metrics["gains"][a]["balanced_accuracy"]["ci_high"] for a in arms])
+    colors = ["tab:green" if "synthetic" in a else "tab:orange" if "unfiltered" in a else "tab:grey" for a in arms]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(arms) + 1.2))
+    ax.barh(arms, means, xerr=[means - low, high - means], color=colors, capsize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']} (points, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class_recall(metrics: dict, class_names: list[str], path: Path) -> None:
+    """Heatmap arms x classes of mean recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(metrics["per_class_recall"])
+    values = 100 * np.array([metrics["per_class_recall"][a] for a in arms])  # (n_arms, n_classes)
+    fig, ax = plt.subplots(figsize=(0.6 * len(class_names) + 3, 0.45 * len(arms) + 1.5))
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45 if max(map(len, class_names)) > 3 else 0)
+    ax.set_yticks(range(len(arms)), arms)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 60 else "black")
+    fig.colorbar(image, ax=ax, label="recall %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_sample_grid(images: LabeledImages, path: Path, per_class: int = 8) -> None:
+    """One row per class of up to ``per_class`` accepted samples (blank where a class has fewer)."""
+    import torch
+    from torchvision.utils import save_image
+
+    rows = []
+    channels, height, width = images.image_shape[2], images.image_shape[0], images.image_shape[1]
+    for c in range(images.n_classes):
+        tiles = to_tensor(images.x[images.y == c][:per_class])
+        blank = torch.full((per_class - len(tiles), channels, height, width), -1.0)
+        rows.append(torch.cat([tiles, blank]))
+    grid = (torch.cat(rows) + 1) / 2  # [-1, 1] -> [0, 1]
+    save_image(grid, path, nrow=per_class, padding=1, pad_value=0.5)
+
+
+# ------------------------------------------------------------------------- I/O
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def generator_card(models_root: Path, model: str) -> dict:
+    path = Path(models_root) / model / "generator.pt"
+    if not path.is_file():
+        return {"model": model, "path": str(path), "sha256": "missing", "steps": None}
+    summary_path = path.parent / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    return {"model": model, "path": str(path), "sha256": sha256_file(path), "steps": summary.get("steps"), "summary": summary}
+
+
+def main(config: Config, prepared_dir, models_root, synthetic_root, reports_dir) -> str:
+    """Read metrics.json and the earlier stages' summaries; write REPORT.md and figures/."""
+    reports_dir, synthetic_root = Path(reports_dir), Path(synthetic_root)
+    metrics_path = reports_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise DataError(f"{metrics_path} not found: run `synthgen evaluate` first")
+    metrics = read_json(metrics_path)
+    prepared = load_prepared(prepared_dir)
+    filter_summary_path = synthetic_root / "filter_summary.json"
+    card = {
+        "class_names": list(prepared.class_names),
+        "meta": prepared.meta,
+        "generator": generator_card(Path(models_root), config.train.model),
+        "filter_summary": read_json(filter_summary_path) if filter_summary_path.is_file() else None,
+        "params": config_to_dict(config),
+    }
+    with atomic_dir(reports_dir / "figures") as figures:
+        plot_gains(metrics, figures / "gain_per_arm.png")
+        plot_per_class_recall(metrics, card["class_names"], figures / "per_class_recall.png")
+        if filter_summary_path.is_file():
+            from synthgen.filter_outputs import load_accepted
+
+            save_sample_grid(load_accepted(synthetic_root), figures / "accepted_grid.png")
+    text = render_markdown(metrics, card)
+    atomic_write_text(reports_dir / "REPORT.md", text)
+    return text

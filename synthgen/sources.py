@@ -1,0 +1,266 @@
+"""Loaders of labeled image sources into memory: sklearn digits, ImageFolder, ``.npz``, MNIST IDX.
+
+Every loader returns a :class:`synthgen.data.LabeledImages` (uint8 (N, H, W, C), int64 labels in
+0..K-1, class names) or raises :class:`synthgen.data.DataError` naming the file, field or class at
+fault. :func:`load_source` dispatches on the ``data.source`` string; it is pure apart from reading
+the source (no writes, no globals).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.progress import track
+
+from synthgen.data import DataError, LabeledImages
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def load_source(source: str, image_size: int | None = None, progress: bool = False) -> LabeledImages:
+    """Load ``source`` into memory: ``'digits'``, an ImageFolder dir, an ``.npz`` file, or IDX files.
+
+    * ``digits``: sklearn's 8x8 digits (values 0..16 scaled to 0..255), classes "0".."9".
+    * a directory with ``*-images-idx3-ubyte[.gz]`` + ``*-labels-idx1-ubyte[.gz]`` (or the path of
+      the images file): MNIST-style IDX files.
+    * another directory: ImageFolder, ``root/<class_name>/**/*.{png,jpg,jpeg,bmp,gif,webp}``,
+      classes in sorted name order; see :func:`load_image_folder`.
+    * ``*.npz`` with ``x`` (N, H, W[, C]) and ``y`` (N,), optional ``class_names``; see :func:`load_npz`.
+
+    Labels are mapped to ``0..K-1`` in sorted order of their original values (kept as class names),
+    so labels {3, 7} become {0, 1} named "3" and "7". When ``image_size`` is set every image is
+    resized (PIL bilinear, antialiased when shrinking) to ``image_size x image_size``; otherwise
+    images of different sizes are refused. Fewer than two classes is an error.
+    """
+    if source == "digits":
+        images = load_digits_images()
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"data source not found: {path}")
+        if path.is_dir() and _idx_files(path):
+            images = load_idx(path)
+        elif path.is_dir():
+            images = load_image_folder(path, image_size, progress)
+        elif path.suffix.lower() == ".npz":
+            images = load_npz(path)
+        elif "idx3-ubyte" in path.name:
+            images = load_idx(path)
+        else:
+            raise DataError(f"{path}: unsupported data source (expected 'digits', a directory, an .npz or IDX file)")
+    if image_size is not None and images.x.shape[1:3] != (image_size, image_size):
+        images = LabeledImages(resize_images(images.x, image_size), images.y, images.class_names, images.index)
+    if images.n_classes < 2:
+        raise DataError(f"{source}: needs at least 2 classes, found only class {images.class_names!r}")
+    return images
+
+
+def resize_images(x: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 (N, H, W, C) -> uint8 (N, S, S, C), PIL bilinear per image."""
+    return np.stack([_resize(image, image_size) for image in x]) if len(x) else x
+
+
+def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
+    """(H, W, C) uint8 -> (S, S, C) uint8."""
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    resized = np.asarray(pil.resize((image_size, image_size), Image.Resampling.BILINEAR))
+    return resized[..., None] if resized.ndim == 2 else resized
+
+
+def _relabel(x: np.ndarray, raw_labels: np.ndarray, names: list[str] | None, origin: str) -> LabeledImages:
+    """Map sorted unique raw label values to 0..K-1; name classes by ``names[value]`` or the value."""
+    if len(x) == 0:
+        raise DataError(f"{origin}: holds no images")
+    values, y = np.unique(raw_labels, return_inverse=True)
+    if names is None:
+        class_names = tuple(str(value) for value in values)
+    else:
+        missing = sorted(set(range(len(names))) - set(values.tolist()))
+        if missing:
+            label = missing[0]
+            raise DataError(f"{origin}: class_names lists {names[label]!r} but y has no image of label {label}")
+        class_names = tuple(names)
+    return LabeledImages(x, y.astype(np.int64), class_names, np.arange(len(y), dtype=np.int64))
+
+
+def load_digits_images() -> LabeledImages:
+    """sklearn ``load_digits``: 1797 images 8x8x1, 0..16 scaled to 0..255 uint8."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return _relabel(x, digits.target, None, "digits")
+
+
+def load_npz(path: Path) -> LabeledImages:
+    """``x`` uint8 as is, or float/int all within [0, 1] (scaled x255) or [0, 255]; ``y`` integers >= 0.
+
+    Anything else (NaN/inf, values outside both ranges, negative or non-integer labels, x/y length
+    mismatch) is a DataError naming the field and the count of bad values. An optional string
+    array ``class_names`` names labels 0..K-1 (then every label must be present).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            fields = {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: cannot read as .npz ({error})") from None
+    for key in ("x", "y"):
+        if key not in fields:
+            raise DataError(f"{path}: missing array {key!r} (found {sorted(fields)})")
+    x, y = fields["x"], fields["y"]
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: field 'x' must have shape (N, H, W) or (N, H, W, C) with C in 1, 3; got {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{path}: field 'x' has {len(x)} images but field 'y' has shape {y.shape}")
+    x = _to_uint8_checked(x, f"{path}: field 'x'")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: field 'y' must hold integer labels, got dtype {y.dtype}")
+    if (bad := int((y < 0).sum())) > 0:
+        raise DataError(f"{path}: field 'y' has {bad} negative labels")
+    names = None
+    if "class_names" in fields:
+        names = [str(name) for name in np.asarray(fields["class_names"]).ravel()]
+        if len(set(names)) != len(names) or int(y.max()) >= len(names):
+            raise DataError(f"{path}: field 'class_names' must hold {int(y.max()) + 1}+ unique names, got {names}")
+    return _relabel(x, y, names, str(path))
+
+
+def _to_uint8_checked(x: np.ndarray, origin: str) -> np.ndarray:
+    """Validate pixel values and convert to uint8 (see :func:`load_npz` for the accepted ranges)."""
+    if x.dtype == np.uint8:
+        return x
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise DataError(f"{origin} must be numeric, got dtype {x.dtype}")
+    values = x.astype(np.float64)
+    if (bad := int((~np.isfinite(values)).sum())) > 0:
+        raise DataError(f"{origin} has {bad} NaN/inf values")
+    if np.issubdtype(x.dtype, np.floating) and values.min() >= 0 and values.max() <= 1:
+        values = values * 255.0
+    if (bad := int(((values < 0) | (values > 255)).sum())) > 0:
+        raise DataError(f"{origin} has {bad} values outside [0, 1] (floats) or [0, 255]")
+    return np.round(values).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------- IDX files
+def _idx_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and "-images-idx3-ubyte" in p.name)
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot read ({error}); the file may be truncated or corrupt") from None
+
+
+def _parse_idx(path: Path, magic: int, n_dims: int) -> np.ndarray:
+    """Big-endian header: int32 magic, ``n_dims`` int32 sizes; then uint8 data of exactly that size."""
+    raw = _read_maybe_gzip(path)
+    header_bytes = 4 * (1 + n_dims)
+    if len(raw) < header_bytes:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    header = np.frombuffer(raw, dtype=">i4", count=1 + n_dims)
+    if int(header[0]) != magic:
+        raise DataError(f"{path}: bad IDX magic number {int(header[0])}, expected {magic}")
+    shape = tuple(int(v) for v in header[1:])
+    expected = header_bytes + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path}: IDX header says {shape} ({expected} bytes) but the file has {len(raw)} bytes (truncated?)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_bytes).reshape(shape)
+
+
+def load_idx(path: Path) -> LabeledImages:
+    """MNIST-style IDX: ``path`` is the images file or a directory holding exactly one images file."""
+    if path.is_dir():
+        candidates = _idx_files(path)
+        if len(candidates) != 1:
+            raise DataError(f"{path}: expected one *-images-idx3-ubyte[.gz] file, found {[p.name for p in candidates]}")
+        path = candidates[0]
+    stem = path.name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte").removesuffix(".gz")
+    labels_path = next((p for p in (path.with_name(stem + ".gz"), path.with_name(stem)) if p.is_file()), None)
+    if labels_path is None:
+        raise DataError(f"{path}: labels file {stem}[.gz] not found next to it")
+    x = _parse_idx(path, 2051, 3)[..., None]
+    y = _parse_idx(labels_path, 2049, 1)
+    if len(x) != len(y):
+        raise DataError(f"{path} has {len(x)} images but {labels_path} has {len(y)} labels")
+    return _relabel(x, y, None, str(path))
+
+
+# ------------------------------------------------------------------ ImageFolder
+def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Sorted class folders and their files; hidden files/folders (leading '.') are ignored."""
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    stray = [p for p in entries if not p.is_dir()]
+    if stray:
+        raise DataError(f"{stray[0]}: ImageFolder root {root} must hold only class folders")
+    if not entries:
+        raise DataError(f"{root}: empty directory, expected class folders root/<class_name>/*.png")
+    files: list[tuple[Path, int]] = []
+    for label, class_dir in enumerate(entries):
+        found = [
+            p for p in sorted(class_dir.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+        ]
+        for path in found:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        if not found:
+            raise DataError(f"class {class_dir.name!r} ({class_dir}) has no images")
+        files += [(path, label) for path in found]
+    return [p.name for p in entries], files
+
+
+def _decode(path: Path) -> Image.Image:
+    """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in _GREY_MODES:
+                return image.convert("L")
+            rgb = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: not a readable image ({error})") from None
+    array = np.asarray(rgb)
+    is_grey = np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
+    return rgb.convert("L") if is_grey else rgb
+
+
+def load_image_folder(root: Path, image_size: int | None = None, progress: bool = True) -> LabeledImages:
+    """Decode ``root/<class_name>/**/<file>`` with PIL (progress bar while decoding).
+
+    Colour: if any image is colour, all images become RGB (C=3), else grey 'L' (C=1); alpha is
+    dropped. A non-image or corrupt/truncated file, a class folder without images, or different
+    image sizes while ``image_size`` is null are DataErrors naming the file(s) or class.
+    """
+    class_names, files = _list_image_folder(root)
+    decoded = []
+    for path, _ in track(files, description=f"decoding {root}", disable=not progress, transient=True):
+        image = _decode(path)
+        # resize as we go so only the small copies are held in memory
+        decoded.append(image.resize((image_size, image_size), Image.Resampling.BILINEAR) if image_size else image)
+    if image_size is None:
+        for (path, _), image in zip(files, decoded):
+            if image.size != decoded[0].size:
+                raise DataError(
+                    f"images differ in size: {files[0][0]} is {decoded[0].size[0]}x{decoded[0].size[1]} but {path} is "
+                    f"{image.size[0]}x{image.size[1]}; set data.image_size to resize them"
+                )
+    mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
+    arrays = [np.asarray(image.convert(mode)) for image in decoded]
+    x = np.stack(arrays)
+    x = x[..., None] if x.ndim == 3 else x
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return LabeledImages(x, y, tuple(class_names), np.arange(len(y), dtype=np.int64))

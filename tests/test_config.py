@@ -1,0 +1,83 @@
+"""Tests for synthgen.config: defaults, strict keys and types, typed overrides, immutability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from synthgen.config import Config, ConfigError, config_to_dict, load_config
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_defaults_and_repo_params_load():
+    assert load_config(None) == Config()
+    config = load_config(PARAMS)
+    assert config.data.source == "digits" and config.train.model in ("cgan", "cvae")
+    # every section round-trips through its plain-JSON form
+    assert Config.model_validate(config_to_dict(config)) == config
+
+
+def test_unknown_key_rejected_with_dotted_name(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("filter:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"filter\.bogus"):
+        load_config(params)
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(None, ["train.stepz=3"])
+
+
+def test_wrong_type_rejected_naming_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=rf"{params}[\s\S]*train\.steps"):
+        load_config(params)
+    with pytest.raises(ConfigError, match=r"data\.val_per_class"):
+        load_config(None, ["data.val_per_class=0"])
+
+
+def test_overrides_are_typed():
+    config = load_config(
+        PARAMS,
+        ["train.steps=100", "data.per_class=null", "filter.novelty=false", "filter.novelty_threshold=0.25",
+         "data.long_tail={max: 20, ratio: 10}", "data.source=some/dir"],
+    )
+    assert config.train.steps == 100 and isinstance(config.train.steps, int)
+    assert config.data.per_class is None and config.filter.novelty is False
+    assert config.filter.novelty_threshold == pytest.approx(0.25)
+    assert config.data.long_tail.max == 20 and config.data.long_tail.ratio == 10.0
+    assert config.data.source == "some/dir"
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="'steps' is not a section"):
+        load_config(PARAMS, ["train.steps.x=1"])
+
+
+def test_config_is_frozen():
+    config = load_config(None)
+    with pytest.raises(ValidationError):
+        config.train.steps = 5
+    with pytest.raises(ValidationError):
+        config.data = None
+
+
+def test_per_class_and_long_tail_exclusive():
+    with pytest.raises(ConfigError, match="per_class and data.long_tail are exclusive"):
+        load_config(None, ["data.long_tail={max: 20, ratio: 10}"])
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)

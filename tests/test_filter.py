@@ -1,0 +1,193 @@
+"""Tests of the filters, selection, top-up rounds and the atomically committed outputs (synthgen.filter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from synthgen import filter as flt
+from synthgen import filter_outputs, generate
+from synthgen.config import load_config
+from synthgen.data import DataError, load_prepared
+from synthgen.models import build_generator, classifier, save_generator
+
+TINY = {
+    "generate.min_per_class": 5, "generate.batch_size": 64, "generate.shard_size": 64, "generate.device": "cpu",
+    "generate.max_rounds": 2, "filter.classifier_steps": 10, "filter.device": "cpu",
+}
+
+
+def tiny_config(**overrides):
+    return load_config(None, [f"{k}={v}" for k, v in {**TINY, **overrides}.items()])
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_generator(build_generator("cgan", 10, (1, 8, 8), base_channels=8), root / "cgan" / "generator.pt")
+    save_generator(build_generator("cvae", 10, (1, 8, 8), base_channels=8), root / "cvae" / "generator.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tiny_prepared, models_root, tmp_path_factory):
+    pool = tmp_path_factory.mktemp("synthetic") / "pool"
+    generate.main(tiny_config(), tiny_prepared, models_root, pool)
+    return pool
+
+
+def run_filter(tiny_prepared, models_root, pool_dir, out, **overrides):
+    return flt.main(tiny_config(**overrides), tiny_prepared, models_root, pool_dir, out)
+
+
+def test_novelty_rejects_an_exact_copy_of_a_training_image(tiny_prepared):
+    data = load_prepared(tiny_prepared)
+    novelty = flt.NoveltyFilter(0.5).fit(data.train.x, data.train.y, data.val.x, data.val.y)
+    copies = data.train.x[:5]
+    assert not novelty.keep(copies, data.train.y[:5]).any()
+    assert np.allclose(novelty.score(copies, data.train.y[:5]), 0.0)
+    assert novelty.keep(data.val.x, data.val.y).mean() > 0.5  # real unseen images are novel enough
+
+
+def test_thresholds_tighten_monotonically(tiny_prepared, models_root, pool_dir):
+    data = load_prepared(tiny_prepared)
+    model = generate.load_model(models_root / "cgan" / "generator.pt", "cpu")
+    pool = generate.load_pool(pool_dir)
+    # candidates: the (untrained-generator) pool plus real images, so every filter sees a spread of scores
+    x, y = np.concatenate([pool.x, data.val.x, data.train.x]), np.concatenate([pool.y, data.val.y, data.train.y])
+    fitters = {
+        "discriminator": lambda q: flt.DiscriminatorFilter(model, q).fit(data.val.x, data.val.y),
+        "classifier": lambda t: flt.ConfidenceFilter(10, t, "none", steps=10, device="cpu").fit(data.train.x, data.train.y),
+        "novelty": lambda t: flt.NoveltyFilter(t).fit(data.train.x, data.train.y, data.val.x, data.val.y),
+    }
+    settings = {"discriminator": [0.0, 0.3, 0.7, 1.0], "classifier": [0.0, 0.1, 0.12, 0.5], "novelty": [0.0, 1.0, 1.3, 5.0]}
+    quotas = np.full(10, 10**6)
+    for name, fit in fitters.items():
+        accepted_sets = []
+        for setting in settings[name]:
+            table = pd.DataFrame({"sample_id": np.arange(len(y)), "label": y, "round": 0, "shard": ""})
+            table = table.assign(**flt.score_candidates(x, y, {name: fit(setting)}))
+            accepted_sets.append(set(flt.select(table, quotas).query("accepted")["sample_id"]))
+        sizes = [len(s) for s in accepted_sets]
+        assert all(a >= b for a, b in zip(sizes, sizes[1:])), (name, sizes)
+        assert all(tight <= loose for loose, tight in zip(accepted_sets, accepted_sets[1:])), name
+        assert sizes[0] >= len(data.val.y) and sizes[-1] < sizes[0], (name, sizes)
+
+
+def test_select_keeps_first_quota_and_explains_every_rejection():
+    table = pd.DataFrame({
+        "sample_id": [5, 1, 2, 3, 4, 0], "label": [0, 0, 0, 1, 1, 0],
+        "pass_discriminator": [True, False, True, True, True, True],
+        "pass_classifier": [True, False, True, False, True, True],
+        "pass_novelty": [True, True, False, True, True, True],
+    })
+    out = flt.select(table, np.array([1, 5]))
+    assert out["sample_id"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert out["rejected_by"].tolist() == ["", "discriminator", "novelty", "classifier", "", "quota"]
+    assert out["accepted"].tolist() == [True, False, False, False, True, False]
+
+
+def test_outputs_load_with_imagefolder_and_match_the_plan(tiny_prepared, models_root, pool_dir, tmp_path):
+    out = tmp_path / "synthetic"
+    summary = run_filter(tiny_prepared, models_root, pool_dir, out, **{"filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0})
+    plan = pd.read_csv(pool_dir / "plan.csv")
+    folder = ImageFolder(out / "accepted")
+    assert folder.classes == [str(c) for c in range(10)]
+    assert np.bincount(folder.targets, minlength=10).tolist() == plan["quota"].tolist()
+    image = Image.open(folder.samples[0][0])
+    assert image.mode == "L" and image.size == (8, 8)
+    accepted = flt.load_accepted(out)
+    assert accepted.counts().tolist() == plan["quota"].tolist() and summary["shortfalls"] == {}
+    first = accepted.index[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "accepted" / "0" / f"{first:09d}.png"))[..., None], accepted.x[0])
+    manifest = flt.load_manifest(out)
+    assert len(manifest) == summary["generated"] == 100 and manifest["d_score"].isna().all()
+    assert set(manifest.loc[~manifest["accepted"], "rejected_by"]) == {"quota"}
+    assert summary["per_class"]["0"]["discriminator_acceptance"] == "n/a"
+    assert {p.name for p in (out / "figures").iterdir()} == {"score_histograms.png", "accepted_vs_rejected.png"}
+
+
+def test_round_limit_and_shortfalls_when_everything_is_rejected(tiny_prepared, models_root, pool_dir, tmp_path):
+    out = tmp_path / "synthetic"
+    summary = run_filter(tiny_prepared, models_root, pool_dir, out, **{"filter.novelty_threshold": 1e6, "generate.max_rounds": 2})
+    assert summary["topup_rounds"] == 2 and summary["accepted"] == 0
+    assert summary["shortfalls"] == {str(c): 5 for c in range(10)}
+    first_request = 10  # ceil(5 x oversample 2)
+    for requests in summary["topup_requests"]:
+        assert all(0 < r <= flt.TOPUP_CAP * first_request for r in requests)
+    manifest = flt.load_manifest(out)
+    assert sorted(manifest["round"].unique()) == [0, 1, 2]
+    assert manifest["sample_id"].is_unique and manifest["sample_id"].min() == 0
+    assert (manifest["rejected_by"] != "").all() and set(manifest["rejected_by"]) <= set(flt.FILTERS)
+    assert len(flt.load_accepted(out).y) == 0
+
+
+def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_root, pool_dir, tmp_path):
+    out = tmp_path / "synthetic"
+    overrides = {"filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0, "generate.min_per_class": 25}
+    summary = run_filter(tiny_prepared, models_root, pool_dir, out, **overrides)
+    # the pool had 10 per class and everything passes: one top-up round of ceil(1.2 x 15 / (11/12)) = 20 fills the rest
+    assert summary["topup_requests"] == [[20] * 10] and summary["shortfalls"] == {}
+    assert flt.load_accepted(out).counts().tolist() == [25] * 10
+
+
+def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):
+    seen = []
+    original_fit = classifier.CNNClassifier.fit
+
+    def recording_fit(self, X, y, sample_weight=None):
+        seen.append((np.array(X), np.array(y)))
+        return original_fit(self, X, y, sample_weight)
+
+    monkeypatch.setattr(classifier.CNNClassifier, "fit", recording_fit)
+    run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"filter.novelty_threshold": 1e6})
+    train = load_prepared(tiny_prepared).train
+    assert len(seen) == 1  # fitted once, before scoring; never refitted during the top-up rounds
+    np.testing.assert_array_equal(seen[0][0], train.x)
+    np.testing.assert_array_equal(seen[0][1], train.y)
+
+
+def test_cvae_has_no_discriminator_filter(tiny_prepared, models_root, pool_dir, tmp_path):
+    summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"train.model": "cvae", "generate.max_rounds": 1})
+    assert summary["filters"]["discriminator"] == "n/a"
+    assert flt.load_manifest(tmp_path / "synthetic")["d_score"].isna().all()
+
+
+def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):
+    out = tmp_path / "synthetic"
+    loose = {"filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0}
+    real_save, calls = filter_outputs.save_png, []
+
+    def failing_save(image, path):
+        calls.append(path)
+        if len(calls) == 7:
+            raise KeyboardInterrupt("killed while writing PNGs")
+        real_save(image, path)
+
+    monkeypatch.setattr(filter_outputs, "save_png", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(tiny_prepared, models_root, pool_dir, out, **loose)
+    with pytest.raises(DataError, match="has not completed"):
+        flt.load_accepted(out)  # nothing committed: the accepted set is absent, not half there
+    assert not (out / "accepted").exists() and not (out / "manifest.csv").exists()
+    monkeypatch.setattr(filter_outputs, "save_png", real_save)
+    run_filter(tiny_prepared, models_root, pool_dir, out, **loose)
+    before, manifest_before = flt.load_accepted(out), (out / "manifest.csv").read_text()
+    calls.clear()
+    monkeypatch.setattr(filter_outputs, "save_png", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_filter(tiny_prepared, models_root, pool_dir, out, **{**loose, "generate.min_per_class": 3})
+    after = flt.load_accepted(out)
+    np.testing.assert_array_equal(before.index, after.index)
+    assert (out / "manifest.csv").read_text() == manifest_before
+    assert len(list((out / "accepted").rglob("*.png"))) == len(before.y)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging debris
+
+
+def test_filter_is_reproducible(tiny_prepared, models_root, pool_dir, tmp_path):
+    for name in ("a", "b"):
+        run_filter(tiny_prepared, models_root, pool_dir, tmp_path / name, **{"generate.max_rounds": 1})
+    assert (tmp_path / "a" / "manifest.csv").read_text() == (tmp_path / "b" / "manifest.csv").read_text()

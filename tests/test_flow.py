@@ -1,0 +1,129 @@
+"""The Prefect flow (flows/augment.py) on the tiny DVC project of tests/test_pipeline_dvc.py.
+
+Flow runs go through a real (test-harness) Prefect server and real DVC; one harness per session.
+The repo is reproduced once per session, so flow runs here mostly find stages up to date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from flows.augment import FAIL_ONCE_VARIABLE, STAGES, FlowParams, StageFailed, apply_params, augment
+from synthgen.config import ConfigError
+from test_pipeline_dvc import dvc, make_pipeline_repo, restore_committed
+
+FAST_RETRIES = {"retries": 2, "retry_delay_seconds": [0.1]}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One Prefect test server for the session, with Prefect's home in a temp dir, analytics off."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="session")
+def flow_repo(tmp_path_factory) -> Path:
+    return make_pipeline_repo(tmp_path_factory.getbasetemp() / "pipeline-repo")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------- no server needed
+def test_flow_params_are_validated_and_mapped_to_params_keys():
+    with pytest.raises(ValidationError, match="classifier_threshold"):
+        FlowParams(classifier_threshold=1.5)
+    with pytest.raises(ValidationError, match="not_a_field"):
+        FlowParams(not_a_field=1)
+    params = FlowParams(model="cvae", count=30, classifier_threshold=0.7, overrides=["train.steps=5"])
+    assert params.to_overrides() == ["train.model=cvae", "generate.count=30", "filter.classifier_threshold=0.7",
+                                     "train.steps=5"]
+
+
+def test_apply_params_keeps_comments_and_rejects_bad_keys(tmp_path):
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    before = params_path.read_text()
+    with pytest.raises(ConfigError, match="filter.clasifier_threshold"):
+        apply_params(params_path, ["filter.clasifier_threshold=0.9"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        apply_params(params_path, ["train.steps=-3"])
+    assert params_path.read_text() == before  # nothing written on error
+    assert apply_params(params_path, ["filter.classifier_threshold=0.9", "data.source=data/raw/x"]) is True
+    text = params_path.read_text()
+    assert "# synthgen parameters" in text and "# scarce training images per class" in text
+    loaded = yaml.safe_load(text)
+    assert loaded["filter"]["classifier_threshold"] == 0.9 and loaded["data"]["source"] == "data/raw/x"
+    assert apply_params(params_path, ["filter.classifier_threshold=0.9"]) is False
+
+
+# ------------------------------------------------------------------ flow runs
+def _artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key for artifact in artifacts}
+
+
+def _task_run_counts(flow_run_id) -> dict[str, int]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.run_count for run in runs}
+
+
+def test_flow_on_an_up_to_date_project_skips_every_stage_pushes_and_publishes(prefect_server, flow_repo):
+    state = augment(FlowParams(project_dir=str(flow_repo), **FAST_RETRIES), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["stages"] == {stage: "skipped" for stage in STAGES}
+    assert result["pushed"] and any((flow_repo / ".dvc-storage").rglob("*"))
+    assert result["report"].endswith("reports/REPORT.md")
+    assert {"synthgen-report", "synthgen-per-class"} <= _artifact_keys(state.state_details.flow_run_id)
+    assert "up to date" in dvc(flow_repo, "status")
+
+
+def test_flow_retries_a_stage_that_fails_once(prefect_server, flow_repo, tmp_path, monkeypatch):
+    flag = tmp_path / "generate-failed-once"
+    monkeypatch.setenv(FAIL_ONCE_VARIABLE, f"generate:{flag}")
+    state = augment(FlowParams(project_dir=str(flow_repo), push=False, **FAST_RETRIES), return_state=True)
+    assert flag.exists(), "the injected failure never fired"
+    assert state.is_completed(), state.message
+    counts = _task_run_counts(state.state_details.flow_run_id)
+    assert counts["dvc-repro-generate"] == 2 and counts["dvc-repro-filter"] == 1
+
+
+def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_server, flow_repo, tmp_path):
+    prepared = flow_repo / "data/prepared/train.npz"
+    before = digest(prepared)
+    missing = tmp_path / "no-such-dataset"
+    try:
+        state = augment(FlowParams(project_dir=str(flow_repo), source=str(missing), push=False, **FAST_RETRIES),
+                        return_state=True)
+        assert state.is_failed()
+        error = state.result(raise_on_failure=False)
+        assert isinstance(error, StageFailed) and error.stage == "prepare"
+        assert "no-such-dataset" in str(error)  # the stage's own error message
+        counts = _task_run_counts(state.state_details.flow_run_id)
+        assert error.user_error and counts == {"dvc-repro-prepare": 1}  # a bad data.source is not retried
+        assert digest(prepared) == before  # DVC deleted it before running; the flow checked it out again
+        assert (flow_repo / "reports/REPORT.md").is_file()
+    finally:
+        restore_committed(flow_repo)
+    assert "up to date" in dvc(flow_repo, "status")

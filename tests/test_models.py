@@ -1,0 +1,107 @@
+"""Generator interface, network shapes, losses and DiffAugment (tiny models, no training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from synthgen.models import build_generator, load_generator, save_generator
+from synthgen.models import cgan, cvae
+from synthgen.models.diffaugment import cutout, diff_augment, parse_policy, translation
+
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 6, 10)]
+
+
+@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sample_shapes_and_range(kind, shape):
+    model = build_generator(kind, 3, shape, base_channels=4, latent_dim=8)
+    labels = torch.tensor([0, 1, 2, 2])
+    images = model.sample(labels, torch.Generator().manual_seed(0))
+    assert images.shape == (4, *shape) and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    assert model.n_classes == 3 and model.image_shape == shape
+    assert model.has_discriminator == (kind == "cgan")
+    if kind == "cgan":
+        assert model.discriminator_score(images, labels).shape == (4,)
+    else:
+        with pytest.raises(ValueError, match="no discriminator"):
+            model.discriminator_score(images, labels)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_training_networks_shapes(shape):
+    network = cgan.CGAN(cgan.CGANConfig(3, shape, latent_dim=8, base_channels=4))
+    labels = torch.tensor([0, 2])
+    raw = network.generator(torch.randn(2, 8), labels)
+    assert raw.shape == (2, *shape)
+    assert network.discriminator(raw, labels).shape == (2,)
+    vae = cvae.CVAE(cvae.CVAEConfig(3, shape, latent_dim=8, base_channels=4))
+    logits, mu, logvar = vae(torch.rand(2, *shape) * 2 - 1, labels, torch.randn(2, 8))
+    assert logits.shape == (2, *shape) and mu.shape == logvar.shape == (2, 8)
+
+
+def test_sampling_is_seeded_and_conditioned_on_labels():
+    model = build_generator("cgan", 4, (1, 8, 8), base_channels=4, latent_dim=8)
+    labels = torch.arange(4)
+    first = model.sample(labels, torch.Generator().manual_seed(3))
+    assert torch.equal(first, model.sample(labels, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, model.sample(labels, torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="0..3"):
+        model.sample(torch.tensor([4]))
+
+
+@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+def test_save_load_round_trip(tmp_path, kind):
+    model = build_generator(kind, 3, (3, 16, 16), seed=1, base_channels=4, latent_dim=8)
+    path = save_generator(model, tmp_path / "generator.pt", {"model": kind})
+    loaded = load_generator(path, "cpu")
+    labels = torch.tensor([0, 1, 2])
+    assert loaded.kind == kind and loaded.image_shape == (3, 16, 16) and loaded.latent_dim == 8
+    assert torch.equal(model.sample(labels, torch.Generator().manual_seed(0)), loaded.sample(labels, torch.Generator().manual_seed(0)))
+    if kind == "cgan":
+        images = model.sample(labels)
+        assert torch.allclose(model.discriminator_score(images, labels), loaded.discriminator_score(images, labels))
+    assert torch.load(path, weights_only=True)["train_config"] == {"model": kind}
+
+
+def test_load_generator_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="synthgen train"):
+        load_generator(tmp_path / "missing.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a synthgen generator"):
+        load_generator(tmp_path / "other.pt")
+
+
+def test_losses():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    assert cgan.hinge_discriminator_loss(real, fake).item() == pytest.approx(0.25 + 0.5)
+    assert cgan.hinge_generator_loss(fake).item() == pytest.approx(1.0)
+    images = torch.full((2, 1, 2, 2), 1.0)
+    logits = torch.full((2, 1, 2, 2), 20.0)  # confident and right: tiny reconstruction loss
+    zeros = torch.zeros(2, 4)
+    total, recon, kl = cvae.cvae_loss(logits, images, zeros, zeros, kl_weight=1.0)
+    assert recon.item() < 1e-6 and kl.item() == pytest.approx(0.0) and total.item() == pytest.approx(recon.item())
+    _, _, kl = cvae.cvae_loss(logits, images, torch.ones(2, 4), zeros, kl_weight=1.0)
+    assert kl.item() == pytest.approx(2.0)  # 0.5 * sum(mu^2) over 4 dims
+    assert [cvae.kl_weight_at(s, 2.0, 10) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_diffaugment():
+    assert parse_policy(" translation, cutout ") == ("translation", "cutout") and parse_policy("") == ()
+    with pytest.raises(ValueError, match="flip"):
+        parse_policy("translation,flip")
+    x = torch.rand(16, 3, 12, 12, requires_grad=True)
+    out = diff_augment(x, parse_policy("color,translation,cutout"), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable
+    again = diff_augment(x, parse_policy("color,translation,cutout"), torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(diff_augment(x, (), torch.Generator()), x)
+    ones = torch.ones(64, 1, 8, 8)
+    cut = cutout(ones, torch.Generator().manual_seed(1))
+    assert (cut == 0).any() and (cut == 1).any()
+    assert ((cut == 0).flatten(1).sum(1) <= 16).all()  # at most a 4x4 square of an 8x8 image
+    shifted = translation(ones, torch.Generator().manual_seed(1))
+    assert set(shifted.unique().tolist()) <= {-1.0, 1.0} and (shifted == -1).any()

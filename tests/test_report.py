@@ -1,0 +1,64 @@
+"""Tests of REPORT.md rendering and the figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthgen import evaluate, report
+from synthgen.config import Config, EvaluateConfig
+from synthgen.data import load_prepared
+
+FAST = EvaluateConfig(steps=6, seeds=2, batch_size=16, width=8, device="cpu", quality=False)
+
+
+@pytest.fixture(scope="module")
+def metrics(tiny_prepared):
+    prepared = load_prepared(tiny_prepared)
+    results = evaluate.run_arms(prepared.train, prepared.test, prepared.val, None, FAST)
+    return evaluate.metrics_payload(results, None, FAST)
+
+
+def test_summary_tables_have_every_arm_and_class(metrics):
+    gains_rows, per_class_rows = report.summary_tables(metrics, [f"digit{c}" for c in range(10)])
+    assert [row["arm"] for row in gains_rows] == list(evaluate.BASELINE_ARMS + evaluate.SYNTHETIC_ARMS)
+    best = next(row for row in gains_rows if row["arm"] == metrics["best_baseline"])
+    assert best["gain vs best baseline (points)"] == "best baseline"
+    assert [row["class"] for row in per_class_rows] == [f"digit{c}" for c in range(10)]
+    assert set(per_class_rows[0]) == {"class", *metrics["arms"]}
+
+
+def test_render_markdown_has_verdict_and_tables(metrics, tiny_prepared):
+    prepared = load_prepared(tiny_prepared)
+    card = {"class_names": list(prepared.class_names), "meta": prepared.meta,
+            "generator": {"model": "cgan", "path": "models/cgan/generator.pt", "sha256": "ab" * 32, "steps": 5},
+            "filter_summary": {"per_class": {"0": {"quota": 3, "generated": 6, "accepted": 3, "novelty_threshold": 0.25}}},
+            "params": {"filter": {"novelty_threshold": 0.5}}}
+    text = report.render_markdown(metrics, card)
+    assert f"**Verdict: {metrics['verdict']}**" in text
+    assert "| arm | balanced accuracy % [95% CI] |" in text
+    assert "| real+synthetic+classic |" in text
+    assert "ab" * 32 in text and "| 0 | 3 | 6 | 3 | 0.25 |" in text
+    assert "## Limitations" in text
+
+
+def test_main_writes_report_and_pngs(tiny_prepared, tmp_path):
+    config = Config(evaluate=FAST)
+    evaluate.main(config, tiny_prepared, tmp_path / "synthetic", tmp_path / "pool", tmp_path / "reports", progress=False)
+    text = report.main(config, tiny_prepared, tmp_path / "models", tmp_path / "synthetic", tmp_path / "reports")
+    assert (tmp_path / "reports" / "REPORT.md").read_text() == text
+    assert "Verdict: not recommended" in text and "sha256 `missing`" in text
+    for name in ("gain_per_arm.png", "per_class_recall.png"):
+        with Image.open(tmp_path / "reports" / "figures" / name) as image:
+            assert image.size[0] > 100
+
+
+def test_sample_grid_one_row_per_class(tiny_prepared, tmp_path):
+    prepared = load_prepared(tiny_prepared)
+    report.save_sample_grid(prepared.val, tmp_path / "grid.png", per_class=4)
+    with Image.open(tmp_path / "grid.png") as image:
+        width, height = image.size
+    # 4 tiles of 8 px + padding across, 10 class rows down
+    assert width == 4 * 9 + 1 and height == 10 * 9 + 1
+    assert np.asarray(Image.open(tmp_path / "grid.png")).std() > 0

@@ -1,0 +1,177 @@
+"""Stage `train`: outputs, conditioning, checkpoint/resume (incl. SIGKILL), NaN guard, config checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synthgen import train
+from synthgen.config import ConfigError, TrainConfig, config_from_dict, load_config
+from synthgen.data import LabeledImages, PreparedData, save_prepared
+from synthgen.io import read_json
+from synthgen.models import load_generator
+
+TINY = [
+    "train.batch_size=16", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10", "train.device=cpu",
+    "train.cgan.base_channels=4", "train.cgan.latent_dim=8", "train.cvae.base_channels=4", "train.cvae.latent_dim=4",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quadrant_images(per_class: int, seed: int) -> LabeledImages:
+    """Class k (0..3) = a bright 4x4 square in quadrant k of a dark noisy 8x8 image."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(4), per_class)
+    x = rng.integers(0, 40, size=(len(y), 8, 8, 1))
+    for i, k in enumerate(y):
+        top, left = 4 * (k // 2), 4 * (k % 2)
+        x[i, top : top + 4, left : left + 4] = rng.integers(200, 256, size=(4, 4, 1))
+    return LabeledImages(x.astype(np.uint8), y.astype(np.int64), ("a", "b", "c", "d"))
+
+
+def quadrant_of(images: torch.Tensor) -> np.ndarray:
+    """Rule classifier: the brightest quadrant of (N, 1, 8, 8) images."""
+    quadrants = images.unflatten(2, (2, 4)).unflatten(4, (2, 4)).mean(dim=(1, 3, 5))  # (N, 2, 2)
+    return quadrants.flatten(1).argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    meta = {"class_names": ["a", "b", "c", "d"], "image_shape": [8, 8, 1], "source": "quadrants"}
+    save_prepared(out, PreparedData(quadrant_images(10, 0), quadrant_images(3, 1), quadrant_images(3, 2), meta))
+    return out
+
+
+def run_main(prepared_dir: Path, root: Path, *overrides: str) -> dict:
+    config = load_config(None, [*TINY, *overrides])
+    return train.main(config, prepared_dir, root / "models", root / "checkpoints")
+
+
+@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+def test_main_writes_outputs(prepared_dir, tmp_path, kind):
+    summary = run_main(prepared_dir, tmp_path, f"train.model={kind}", "train.steps=20")
+    out = tmp_path / "models" / kind
+    assert summary["steps"] == 20 and summary["device"] == "cpu" and summary["images_per_s"] > 0
+    assert set(read_json(out / "summary.json")["pixel_diversity_ratio"]) == {"0", "1", "2", "3"}
+    losses = pd.read_csv(out / "losses.csv")
+    assert losses["step"].tolist() == [5, 10, 15, 20] and "val_loss" in losses
+    assert {"loss_d", "loss_g"} <= set(losses) if kind == "cgan" else {"loss", "recon", "kl"} <= set(losses)
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["step-00010.png", "step-00020.png"]
+    assert (out / "samples.png").stat().st_size > 0 and read_json(out / "config.json")["train"]["model"] == kind
+    model = load_generator(out / "generator.pt")
+    assert model.kind == kind and model.image_shape == (1, 8, 8) and model.step == 20
+    payload = torch.load(tmp_path / "checkpoints" / kind / "last.pt", weights_only=True)
+    assert payload["step"] == 20
+
+
+@pytest.mark.parametrize("kind, steps", [("cvae", 150), ("cgan", 300)])
+def test_conditioning_really_conditions(prepared_dir, tmp_path, kind, steps):
+    run_main(prepared_dir, tmp_path, f"train.model={kind}", f"train.steps={steps}", "train.checkpoint_every=1000",
+             "train.cgan.base_channels=8", "train.cgan.lr_generator=0.001", "train.cgan.lr_discriminator=0.001",
+             "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50")
+    model = load_generator(tmp_path / "models" / kind / "generator.pt")
+    labels = torch.arange(4).repeat_interleave(50)
+    accuracy = (quadrant_of(model.sample(labels, torch.Generator().manual_seed(0))) == labels.numpy()).mean()
+    assert accuracy >= 0.8, f"{kind}: samples land in the conditioned quadrant {accuracy:.0%} of the time (chance 25%)"
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["network"]
+
+
+def test_resume_in_process_is_bit_identical(prepared_dir, tmp_path):
+    straight = tmp_path / "straight"
+    run_main(prepared_dir, straight, "train.steps=30")
+    resumed = tmp_path / "resumed"
+    run_main(prepared_dir, resumed, "train.steps=17", "train.checkpoint_every=7")  # stops mid log window
+    summary = run_main(prepared_dir, resumed, "train.steps=30", "train.checkpoint_every=7")
+    assert summary["resumed_from_step"] == 17
+    for name, tensor in _weights(straight / "models/cgan/generator.pt").items():
+        assert torch.equal(tensor, _weights(resumed / "models/cgan/generator.pt")[name]), name
+    pd.testing.assert_frame_equal(pd.read_csv(straight / "models/cgan/losses.csv"), pd.read_csv(resumed / "models/cgan/losses.csv"))
+
+
+def test_changed_config_starts_fresh(prepared_dir, tmp_path, capsys):
+    run_main(prepared_dir, tmp_path, "train.steps=10")
+    summary = run_main(prepared_dir, tmp_path, "train.steps=20", "train.cgan.lr_generator=0.001")
+    assert summary["resumed_from_step"] == 0 and summary["steps"] == 20
+    assert "train config changed (cgan)" in capsys.readouterr().err.replace("\n", " ")
+
+
+def _cli(tmp_path: Path, prepared_dir: Path, root: Path, steps: int) -> list[str]:
+    overrides = [*TINY, f"train.steps={steps}", "train.checkpoint_every=10"]
+    return [sys.executable, "-m", "synthgen.cli", "train", "--prepared", str(prepared_dir), "--out", str(root / "models"),
+            "--checkpoints", str(root / "checkpoints"), *[arg for item in overrides for arg in ("--set", item)]]
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(prepared_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    steps = 150
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cli(tmp_path, prepared_dir, straight, steps), check=True, env=env, cwd=tmp_path, capture_output=True)
+
+    process = subprocess.Popen(_cli(tmp_path, prepared_dir, killed, steps), env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    grids = killed / "checkpoints" / "cgan" / "grids"
+    deadline = time.monotonic() + 120
+    while len(list(grids.glob("*.png"))) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed; raise `steps`"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint_step = torch.load(killed / "checkpoints/cgan/last.pt", weights_only=True)["step"]
+    assert 0 < checkpoint_step < steps and not (killed / "models" / "cgan").exists()
+
+    subprocess.run(_cli(tmp_path, prepared_dir, killed, steps), check=True, env=env, cwd=tmp_path, capture_output=True)
+    summary = read_json(killed / "models/cgan/summary.json")
+    assert summary["resumed_from_step"] >= checkpoint_step
+    for name, tensor in _weights(straight / "models/cgan/generator.pt").items():
+        assert torch.equal(tensor, _weights(killed / "models/cgan/generator.pt")[name]), name
+    assert (straight / "models/cgan/losses.csv").read_text() == (killed / "models/cgan/losses.csv").read_text()
+
+
+def test_nan_loss_stops_with_step_and_no_poisoned_checkpoint(prepared_dir, tmp_path):
+    with pytest.raises(train.TrainingError, match="non-finite loss at step 2"):
+        run_main(prepared_dir, tmp_path, "train.model=cvae", "train.steps=50", "train.cvae.lr=1e6", "train.checkpoint_every=1")
+    payload = torch.load(tmp_path / "checkpoints/cvae/last.pt", weights_only=True)
+    assert payload["step"] == 1  # the last good state, never the diverged one
+    assert all(torch.isfinite(t).all() for t in payload["network"].values() if t.is_floating_point())
+    assert not (tmp_path / "models" / "cvae").exists()
+
+
+def test_cli_reports_divergence_with_exit_code_2(prepared_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
+    args = ["train", "--prepared", str(prepared_dir), "--out", str(tmp_path / "m"), "--checkpoints", str(tmp_path / "c"),
+            "--params", str(tmp_path / "none.yaml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "params file not found" in result.output
+    (tmp_path / "params.yaml").write_text("train:\n  model: cvae\n  steps: 5\n  cvae:\n    lr: 1.0e+6\n    base_channels: 4\n")
+    result = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and "non-finite loss at step" in result.output
+
+
+def test_config_validation():
+    assert TrainConfig().model == "cgan"
+    with pytest.raises(ConfigError, match="train.cgan.widht"):
+        config_from_dict({"train": {"cgan": {"widht": 3}}})
+    with pytest.raises(ConfigError, match="train.model"):
+        config_from_dict({"train": {"model": "diffusion"}})
+    with pytest.raises(ConfigError, match="unknown op"):
+        config_from_dict({"train": {"cgan": {"diffaugment": "translation,rotate"}}})
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(None, ["train.steps=0"])
+    with pytest.raises(ConfigError, match="train.cvae.lr"):
+        load_config(None, ["train.cvae.lr=-1"])
