@@ -44,18 +44,22 @@ console = Console()
 def run_pipeline(overrides: list[str], work: Path, params: Path | None, reuse: bool = False) -> tuple:
     """prepare -> train -> generate -> filter in ``work``; returns (config, prepared, accepted, pool, seconds).
 
-    ``reuse`` skips the stages when ``work`` already holds a completed filter stage.
+    ``reuse`` skips each stage whose output is already complete in ``work``.
     """
     config = load_config(params, overrides)
+    prepared, models, pool, synthetic = work / "prepared", work / "models", work / "pool", work / "synthetic"
+    stages = [
+        (prepared / "meta.json", lambda: data_stage.main(config, prepared, progress=False)),
+        (models / config.train.model / "generator.pt", lambda: train_stage.main(config, prepared, models, work / "checkpoints")),
+        (pool / "generate_summary.json", lambda: generate_stage.main(config, prepared, models, pool)),
+        (synthetic / "filter_summary.json", lambda: filter_stage.main(config, prepared, models, pool, synthetic)),
+    ]
     started = time.perf_counter()
-    if reuse and (work / "synthetic" / "filter_summary.json").is_file():
-        return config, load_prepared(work / "prepared"), load_accepted(work / "synthetic"), load_pool(work / "pool"), 0.0
-    data_stage.main(config, work / "prepared", progress=False)
-    train_stage.main(config, work / "prepared", work / "models", work / "checkpoints")
-    generate_stage.main(config, work / "prepared", work / "models", work / "pool")
-    filter_stage.main(config, work / "prepared", work / "models", work / "pool", work / "synthetic")
+    for done_marker, run in stages:
+        if not (reuse and done_marker.is_file()):
+            run()
     seconds = time.perf_counter() - started
-    return config, load_prepared(work / "prepared"), load_accepted(work / "synthetic"), load_pool(work / "pool"), seconds
+    return config, load_prepared(prepared), load_accepted(synthetic), load_pool(pool), seconds
 
 
 def evaluate_variant(config, prepared, accepted, pool, variant: list[str], params: Path | None, base: list[str]) -> dict:
@@ -146,8 +150,8 @@ def main(
                 row = evaluate_variant(config, prepared, accepted, pool, extra, params, overrides)
                 rows.append({"setting": setting, "draw": draw, "pipeline_seconds": seconds, **row})
                 console.print(f"  [{row['variant']}] {row['reason']} ({row['seconds']:.0f}s)")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(rows, indent=1, default=float))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(rows, indent=1, default=float))
     print_rows(rows)
     for line in check_targets(rows):
         console.print(line)

@@ -26,8 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SKIPPED = (".git", ".venv", ".dvc-storage", ".dvc/cache", ".dvc/tmp", "data/prepared", "data/synthetic", "models",
-           "checkpoints", "reports", "dvc_plots", "__pycache__", ".pytest_cache", "*.egg-info")
+# paths relative to the repo root, and names skipped anywhere
+SKIPPED_PATHS = {".git", ".venv", ".dvc-storage", ".dvc/cache", ".dvc/tmp", "data/prepared", "data/synthetic",
+                 "models", "checkpoints", "reports", "dvc_plots", "bench", "tests"}
+SKIPPED_NAMES = {"__pycache__", ".pytest_cache", "synthgen.egg-info"}
 
 app = typer.Typer(add_completion=False)
 
@@ -37,7 +39,7 @@ def copy_project(destination: Path) -> Path:
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         relative = Path(directory).relative_to(REPO_ROOT)
-        return {name for name in names if any((relative / name).match(pattern) for pattern in SKIPPED)}
+        return {name for name in names if (relative / name).as_posix() in SKIPPED_PATHS or name in SKIPPED_NAMES}
 
     shutil.copytree(REPO_ROOT, destination, ignore=ignore)
     identity = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
@@ -49,7 +51,8 @@ def copy_project(destination: Path) -> Path:
 
 def timed_run(project: Path, overrides: list[str]) -> tuple[float, str]:
     """`synthgen run` in ``project`` (its own copy of the code imported); returns (seconds, output)."""
-    env = dict(os.environ, PYTHONPATH=str(project), DVC_NO_ANALYTICS="1")
+    # a private Prefect home: the ephemeral server's sqlite DB is not shared with other runs on this machine
+    env = dict(os.environ, PYTHONPATH=str(project), DVC_NO_ANALYTICS="1", PREFECT_HOME=str(project.parent / "prefect-home"))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     command = [str(Path(sys.executable).parent / "synthgen"), "run", *[f"--set={item}" for item in overrides]]
     start = time.perf_counter()

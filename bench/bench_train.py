@@ -78,7 +78,7 @@ def main(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Params override, repeatable.")] = None,
     work: Annotated[Path, typer.Option(help="Scratch directory (prepared data, model, checkpoints).")] = Path("/tmp/synthgen-bench-train"),
     samples_per_class: Annotated[int, typer.Option(help="Samples per class for the scores.")] = 200,
-    classifier_steps: Annotated[int, typer.Option(help="Steps of the held-out real-data classifier.")] = 1500,
+    classifier_steps: Annotated[int, typer.Option(help="Steps of the held-out real-data classifier.")] = 800,
     fresh: Annotated[bool, typer.Option(help="Delete old checkpoints first (no resume).")] = True,
     train: Annotated[bool, typer.Option(help="Train first; --no-train re-scores the model already in WORK.")] = True,
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +166,7 @@ def reproduce_stage(stage: str, project_dir: str) -> str:
     code, output = run_dvc(["repro", "--single-item", stage], project_dir, logger)
     if code != 0:
         tail = "\n".join(output.splitlines()[-15:])
-        raise StageFailed(stage, tail, user_error="exited with 2" in output)
+        raise StageFailed(stage, tail, user_error=re.search(r"exited with 2\b", output) is not None)
     if "Running stage" in output:
         return "ran"
     return "run-cache" if "is cached" in output else "skipped"
@@ -190,7 +191,7 @@ def restore_outputs(stage: str, project_dir: str | Path) -> list[str]:
 def push_outputs(project_dir: str) -> None:
     code, output = run_dvc(["push"], project_dir, get_run_logger())
     if code != 0:
-        raise RuntimeError(f"dvc push failed: {output.splitlines()[-1:] }")
+        raise RuntimeError(f"dvc push failed: {(output.strip().splitlines() or ['no output'])[-1]}")
 
 
 # ------------------------------------------------------------------------ artifacts
@@ -264,7 +265,18 @@ def run_from_cli(params_path: str | Path, overrides: list[str], push: bool = Tru
     if params_path.name != "params.yaml":
         raise ConfigError(f"{params_path}: `synthgen run` drives dvc.yaml, which reads params.yaml; use --set to override keys")
     load_config(params_path, list(overrides))  # fail on a bad key before the Prefect server starts
-    result = augment(FlowParams(project_dir=str(params_path.resolve().parent), overrides=list(overrides), push=push))
+    from prefect.settings import (PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                                  temporary_settings)
+
+    # offline by default: no telemetry from the ephemeral server (PREFECT_SERVER_ANALYTICS_ENABLED=true opts in);
+    # a first start creates and migrates the sqlite DB, which takes longer than Prefect's 20 s on a busy CPU
+    updates = {
+        PREFECT_SERVER_ANALYTICS_ENABLED: os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false").lower() == "true",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180)),
+    }
+    params = FlowParams(project_dir=str(params_path.resolve().parent), overrides=list(overrides), push=push)
+    with temporary_settings(updates=updates):
+        result = augment(params)
     console = Console()
     console.print(f"stages: {', '.join(f'{s}={o}' for s, o in result['stages'].items())}")
     console.print(f"verdict: {result['verdict']}   report: {result['report']}")

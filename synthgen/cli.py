@@ -94,7 +94,8 @@ def train(
     """Train the conditional generator (`train.model`: cgan or cvae), resuming from the last checkpoint.
 
     Reads: PREPARED/, params `train.*`. Writes: OUT/<model>/ (weights with their config,
-    summary.json, losses.csv, sample grids) and CHECKPOINTS/<model>/last.pt.
+    summary.json, losses.csv, sample grids) and CHECKPOINTS/<model>/last.pt. Data-parallel:
+    `torchrun --nproc_per_node N -m synthgen.cli train ...` (gloo on CPU, NCCL on CUDA).
     """
     from synthgen import train as train_stage
 
@@ -114,7 +115,8 @@ def generate(
 ) -> None:
     """Plan per-class quotas and sample an over-generated candidate pool in large batches.
 
-    Reads: PREPARED/, MODELS/<train.model>/, params `generate.*`. Writes: OUT/ (shards, plan).
+    Reads: PREPARED/, MODELS/<train.model>/, params `generate.*`. Writes: OUT/shard-*.npz
+    (x, y, sample_id), OUT/plan.csv, OUT/generate_summary.json (atomically, as one directory).
     """
     from synthgen import generate as generate_stage
 
@@ -132,8 +134,10 @@ def filter_(
 ) -> None:
     """Score candidates (discriminator, classifier confidence, novelty), keep each class's quota.
 
-    Reads: PREPARED/, MODELS/, POOL/, params `filter.*` and `generate.*`. Writes: OUT/accepted/
-    (ImageFolder), OUT/manifest.csv, OUT/filter_summary.json and plots.
+    Short classes get at most `generate.max_rounds` top-up rounds sized by their measured
+    acceptance rate. Reads: PREPARED/, MODELS/, POOL/, params `filter.*` and `generate.*`.
+    Writes (committed together; filter_summary.json last): OUT/accepted/<class>/<sample_id>.png
+    (ImageFolder), OUT/accepted-shards/*.npz, OUT/manifest.csv, OUT/filter_summary.json, OUT/figures/.
     """
     from synthgen import filter as filter_stage
 

@@ -135,7 +135,8 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "",
         "## Filtering",
         "",
-        f"Thresholds and counts before/after filtering (filter params: `{(card.get('params') or {}).get('filter')}`).",
+        "Thresholds and counts before/after filtering. Filter params: "
+        + ", ".join(f"`{k}={v}`" for k, v in ((card.get("params") or {}).get("filter") or {}).items()) + ".",
         "",
         markdown_table(filter_rows(card.get("filter_summary"))),
         "",
@@ -233,6 +234,9 @@ def save_sample_grid(images: LabeledImages, path: Path, per_class: int = 8) -> N
         blank = torch.full((per_class - len(tiles), channels, height, width), -1.0)
         rows.append(torch.cat([tiles, blank]))
     grid = (torch.cat(rows) + 1) / 2  # [-1, 1] -> [0, 1]
+    factor = -(-28 // min(height, width))  # upscale tiny images (8x8 digits) to >= 28 px tiles
+    if factor > 1:
+        grid = torch.nn.functional.interpolate(grid, scale_factor=factor, mode="nearest")
     save_image(grid, path, nrow=per_class, padding=1, pad_value=0.5)
 
 

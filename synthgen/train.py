@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torchvision.utils import save_image
@@ -61,11 +63,16 @@ class TrainState:
     best_val: float = math.inf
     bad_evals: int = 0
     train_seconds: float = 0.0  # summed over resumptions
+    rank: int = 0
+    world_size: int = 1
+    parallel: dict = dataclasses.field(default_factory=dict)  # DDP wrappers passed to the inner steps
 
 
 # ------------------------------------------------------------------------ pure core
-def build_state(config: TrainConfig, n_classes: int, image_shape: tuple[int, int, int], device: torch.device) -> TrainState:
-    """Fresh weights and optimisers from ``config.seed``; ``image_shape`` is (C, H, W)."""
+def build_state(
+    config: TrainConfig, n_classes: int, image_shape: tuple[int, int, int], device: torch.device, rank: int = 0, world_size: int = 1
+) -> TrainState:
+    """Fresh weights and optimisers from ``config.seed``; ``image_shape`` is (C, H, W). Each rank gets its own batch seed."""
     seed_everything(config.seed)
     section = config.cgan if config.model == "cgan" else config.cvae
     model_config = models.model_config(
@@ -76,7 +83,35 @@ def build_state(config: TrainConfig, n_classes: int, image_shape: tuple[int, int
         optimizers = cgan.build_optimizers(network, config.cgan.lr_generator, config.cgan.lr_discriminator)
     else:
         optimizers = cvae.build_optimizers(network, config.cvae.lr)
-    return TrainState(network, optimizers, torch.Generator().manual_seed(config.seed + 1))
+    rng = torch.Generator().manual_seed(config.seed + 1 + 7919 * rank)
+    return TrainState(network, optimizers, rng, rank=rank, world_size=world_size)
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; joins the process group when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world_size
+
+
+def wrap_parallel(state: TrainState, device: torch.device) -> None:
+    """DistributedDataParallel wrappers (weights broadcast from rank 0, gradients averaged) for the inner steps."""
+    if state.world_size == 1:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    network = state.network
+    if isinstance(network, cgan.CGAN):
+        state.parallel = {
+            "generator_net": DistributedDataParallel(network.generator, device_ids=ids),
+            "discriminator_net": DistributedDataParallel(network.discriminator, device_ids=ids),
+        }
+    else:
+        state.parallel = {"vae_net": DistributedDataParallel(network, device_ids=ids)}
 
 
 def train_mode(network: torch.nn.Module) -> None:
@@ -92,11 +127,12 @@ def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
     if config.model == "cgan":
         policy = parse_policy(config.cgan.diffaugment)
         losses = cgan.train_step(
-            state.network, state.optimizers, real, batch_labels, state.rng, state.step, policy, config.cgan.ema_decay
+            state.network, state.optimizers, real, batch_labels, state.rng, state.step, policy, config.cgan.ema_decay,
+            **state.parallel,
         )
     else:
         kl_weight = cvae.kl_weight_at(state.step, config.cvae.kl_weight, config.cvae.kl_warmup_steps)
-        losses = cvae.train_step(state.network, state.optimizers, real, batch_labels, state.rng, kl_weight)
+        losses = cvae.train_step(state.network, state.optimizers, real, batch_labels, state.rng, kl_weight, **state.parallel)
     values = {name: float(value) for name, value in losses.items()}
     if not all(math.isfinite(v) for v in values.values()):
         raise TrainingError(
@@ -201,7 +237,7 @@ def checkpoint_payload(state: TrainState, config: TrainConfig, fingerprint: str)
     return {
         "network": {k: v.detach().cpu() for k, v in state.network.state_dict().items()},
         "optimizers": {name: opt.state_dict() for name, opt in state.optimizers.items()},
-        "rng": state.rng.get_state(),
+        "rng": gather_rng_states(state),  # one per rank
         "torch_rng": torch.get_rng_state(),
         "step": state.step,
         "history": state.history,
@@ -215,11 +251,20 @@ def checkpoint_payload(state: TrainState, config: TrainConfig, fingerprint: str)
     }
 
 
+def gather_rng_states(state: TrainState) -> list[torch.Tensor]:
+    """Every rank's batch-generator state (a collective under DDP: all ranks call it)."""
+    if state.world_size == 1:
+        return [state.rng.get_state()]
+    states: list = [None] * state.world_size
+    dist.all_gather_object(states, state.rng.get_state())
+    return states
+
+
 def restore_state(state: TrainState, payload: dict) -> TrainState:
     state.network.load_state_dict(payload["network"])
     for name, optimizer in state.optimizers.items():
         optimizer.load_state_dict(payload["optimizers"][name])
-    state.rng.set_state(payload["rng"])
+    state.rng.set_state(payload["rng"][state.rank])
     torch.set_rng_state(payload["torch_rng"])
     state.step = int(payload["step"])
     state.history, state.evals = list(payload["history"]), list(payload["evals"])
@@ -229,10 +274,12 @@ def restore_state(state: TrainState, payload: dict) -> TrainState:
     return state
 
 
-def resume_mismatch(payload: dict, config: TrainConfig, fingerprint: str) -> str | None:
+def resume_mismatch(payload: dict, config: TrainConfig, fingerprint: str, world_size: int = 1) -> str | None:
     """Why a checkpoint cannot be resumed (None when it can)."""
     if payload.get("fingerprint") != fingerprint:
         return "the training data changed"
+    if len(payload.get("rng", [])) != world_size:
+        return f"it was written by {len(payload.get('rng', []))} process(es), this run has {world_size}"
     old, new = _comparable(payload.get("config", {})), _comparable(config_to_dict(config))
     if old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -259,7 +306,7 @@ def maybe_resume(state: TrainState, config: TrainConfig, checkpoint_path: Path, 
     if not checkpoint_path.is_file():
         return
     payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    reason = resume_mismatch(payload, config, fingerprint)
+    reason = resume_mismatch(payload, config, fingerprint, state.world_size)
     if reason is None:
         restore_state(state, payload)
         console.print(f"resuming {config.model} from step {state.step} ({checkpoint_path})")
@@ -281,16 +328,25 @@ def write_outputs(out_dir: Path, generator, state: TrainState, config: TrainConf
 
 
 def main(config: Config, prepared_dir: str | Path, models_root: str | Path, checkpoints_root: str | Path) -> dict:
-    """Train ``config.train.model`` on PREPARED/train, resuming from CHECKPOINTS/<model>/last.pt."""
-    train_config, console = config.train, Console(stderr=True)
+    """Train ``config.train.model`` on PREPARED/train, resuming from CHECKPOINTS/<model>/last.pt.
+
+    Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1) every rank trains on its own batches with
+    DistributedDataParallel; only rank 0 writes files or prints.
+    """
+    train_config = config.train
+    rank, world_size = init_distributed()
+    console = Console(stderr=True, quiet=rank != 0)
     prepared = load_prepared(prepared_dir)
     device = resolve_device(train_config.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     height, width, channels = prepared.image_shape
-    state = build_state(train_config, prepared.n_classes, (channels, height, width), device)
+    state = build_state(train_config, prepared.n_classes, (channels, height, width), device, rank, world_size)
     fingerprint = data_fingerprint(prepared.train.x, prepared.train.y)
     checkpoint_dir = Path(checkpoints_root) / train_config.model
     checkpoint_path, grids_dir = checkpoint_dir / "last.pt", checkpoint_dir / "grids"
     maybe_resume(state, train_config, checkpoint_path, fingerprint, console)
+    wrap_parallel(state, device)
     start_step = state.step
 
     images, labels = to_tensor(prepared.train.x, device), torch.from_numpy(prepared.train.y).to(device)
@@ -301,8 +357,11 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
         nonlocal last_save
         now = time.perf_counter()
         current.train_seconds, last_save = current.train_seconds + (now - last_save), now
+        payload = checkpoint_payload(current, train_config, fingerprint)  # checks weights are finite
+        if rank != 0:
+            return
         buffer = io.BytesIO()
-        torch.save(checkpoint_payload(current, train_config, fingerprint), buffer)  # checks weights are finite
+        torch.save(payload, buffer)
         grid = sample_grid(models.as_generator(current.network, current.step))
         train_mode(current.network)
         atomic_write_bytes(grids_dir / f"step-{current.step:05d}.png", _png_bytes(grid, 8))
@@ -316,8 +375,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
             progress.update(task, completed=current.step, description=text)
 
         train_loop(train_config, state, (images, labels), val_data, on_checkpoint, on_log)
+        progress.update(task, completed=state.step)
     wall = time.perf_counter() - session_start
-    generator = models.as_generator(state.network, state.step)
     summary = {
         "model": train_config.model,
         "steps": state.step,
@@ -325,15 +384,21 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
         "stopped_early": state.step < train_config.steps,
         "wall_time_s": wall,
         "total_train_time_s": state.train_seconds,
-        "images_per_s": (state.step - start_step) * train_config.batch_size / max(wall, 1e-9),
+        "images_per_s": (state.step - start_step) * train_config.batch_size * world_size / max(wall, 1e-9),
+        "world_size": world_size,
         "final_losses": pending_row(state) or (state.history[-1] if state.history else {}),
         "final_val_loss": state.evals[-1]["val_loss"] if state.evals else None,
-        "pixel_diversity_ratio": pixel_diversity_ratio(generator, images, labels, seed=train_config.seed),
         "device": str(device),
     }
-    write_outputs(Path(models_root) / train_config.model, generator, state, train_config, summary, grids_dir)
-    console.print(
-        f"trained {train_config.model} to step {state.step} in {wall:.1f}s "
-        f"({summary['images_per_s']:.0f} img/s) -> {Path(models_root) / train_config.model}"
-    )
+    if rank == 0:
+        generator = models.as_generator(state.network, state.step)
+        summary["pixel_diversity_ratio"] = pixel_diversity_ratio(generator, images, labels, seed=train_config.seed)
+        write_outputs(Path(models_root) / train_config.model, generator, state, train_config, summary, grids_dir)
+        console.print(
+            f"trained {train_config.model} to step {state.step} in {wall:.1f}s "
+            f"({summary['images_per_s']:.0f} img/s) -> {Path(models_root) / train_config.model}"
+        )
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return summary

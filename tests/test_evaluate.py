@@ -154,3 +154,28 @@ def test_main_writes_metrics_and_tables(tiny_prepared, tmp_path):
     assert len(metrics["per_class_recall"]["real"]) == 10
     assert (tmp_path / "reports" / "evaluation" / "per_seed.csv").is_file()
     assert (tmp_path / "reports" / "evaluation" / "per_class_recall.csv").is_file()
+
+
+def test_classic_augment_is_a_per_image_affine_with_black_fill():
+    import torch
+
+    from synthgen.models.classifier import classic_augment
+
+    images = -torch.ones(16, 1, 12, 12)
+    images[:, :, 4:8, 4:8] = 1.0  # a white square on black
+    torch.manual_seed(0)
+    out = classic_augment(images)
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    assert (out[:, :, 0, 0] == -1).all()  # borders stay black (fill -1, not 0)
+    assert not torch.equal(out[0], out[1])  # independent draw per image
+    assert (out.sum(dim=(1, 2, 3)) - images.sum(dim=(1, 2, 3))).abs().max() < 0.5 * 16 * 2  # mass roughly kept
+
+
+def test_classifier_soft_targets_are_used(prepared):
+    # soft targets that always say class 0 make the classifier predict class 0 regardless of y
+    targets = np.zeros((len(prepared.train.y), 10), dtype=np.float32)
+    targets[:, 0] = 1.0
+    model = CNNClassifier(n_classes=10, width=8, steps=30, batch_size=16, device="cpu").fit(prepared.train.x, prepared.train.y, soft_targets=targets)
+    assert (model.predict(prepared.test.x) == 0).mean() > 0.9
+    with pytest.raises(ValueError, match="soft_targets must have shape"):
+        CNNClassifier(n_classes=10, steps=1, device="cpu").fit(prepared.train.x, prepared.train.y, soft_targets=targets[:, :3])

@@ -143,7 +143,7 @@ def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root,
         return original_fit(self, X, y, sample_weight)
 
     monkeypatch.setattr(classifier.CNNClassifier, "fit", recording_fit)
-    run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"filter.novelty_threshold": 1e6})
+    run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"filter.novelty_threshold": 1e6, "generate.max_rounds": 1})
     train = load_prepared(tiny_prepared).train
     assert len(seen) == 1  # fitted once, before scoring; never refitted during the top-up rounds
     np.testing.assert_array_equal(seen[0][0], train.x)

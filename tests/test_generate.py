@@ -129,3 +129,19 @@ def test_interrupted_generation_leaves_no_half_written_pool(tiny_prepared, model
 def test_missing_generator_is_a_clear_data_error(tiny_prepared, tmp_path):
     with pytest.raises(DataError, match="generator.pt"):
         generate.main(tiny_config(), tiny_prepared, tmp_path / "no-models", tmp_path / "pool")
+
+
+def test_cli_generate_and_its_user_errors(tiny_prepared, models_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
+    sets = [arg for k, v in {"generate.min_per_class": 3, "generate.batch_size": 16, "generate.device": "cpu"}.items() for arg in ("--set", f"{k}={v}")]
+    common = ["--prepared", str(tiny_prepared)]
+    result = CliRunner().invoke(app, ["generate", *common, *sets, "--models", str(models_root), "--out", str(tmp_path / "pool")])
+    assert result.exit_code == 0, result.output
+    assert generate.load_pool(tmp_path / "pool").counts().tolist() == [6] * 10
+    missing = CliRunner().invoke(app, ["generate", *common, *sets, "--models", str(tmp_path / "none"), "--out", str(tmp_path / "p2")])
+    assert missing.exit_code == 2 and "generator.pt" in missing.output
+    bad = CliRunner().invoke(app, ["filter", *common, "--pool", str(tmp_path / "no-pool"), "--models", str(models_root), "--out", str(tmp_path / "s")])
+    assert bad.exit_code == 2 and "generate_summary.json" in bad.output

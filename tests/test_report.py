@@ -59,6 +59,6 @@ def test_sample_grid_one_row_per_class(tiny_prepared, tmp_path):
     report.save_sample_grid(prepared.val, tmp_path / "grid.png", per_class=4)
     with Image.open(tmp_path / "grid.png") as image:
         width, height = image.size
-    # 4 tiles of 8 px + padding across, 10 class rows down
-    assert width == 4 * 9 + 1 and height == 10 * 9 + 1
+    # 4 tiles of 8 px upscaled x4 + padding across, 10 class rows down
+    assert width == 4 * 33 + 1 and height == 10 * 33 + 1
     assert np.asarray(Image.open(tmp_path / "grid.png")).std() > 0

@@ -175,3 +175,23 @@ def test_config_validation():
         load_config(None, ["train.steps=0"])
     with pytest.raises(ConfigError, match="train.cvae.lr"):
         load_config(None, ["train.cvae.lr=-1"])
+
+
+@pytest.mark.slow  # four processes importing torch: about a minute each on 2 shared cores
+@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+def test_ddp_two_processes_with_torchrun(prepared_dir, tmp_path, kind):
+    """`torchrun --nproc_per_node 2` (gloo on CPU): rank 0 writes the outputs; a rerun resumes on both ranks."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def command(steps: int) -> list[str]:
+        return [*launcher, *_cli(tmp_path, prepared_dir, tmp_path, steps)[1:], "--set", f"train.model={kind}"]
+
+    subprocess.run(command(20), check=True, env=env, cwd=tmp_path, capture_output=True, timeout=240)
+    summary = read_json(tmp_path / "models" / kind / "summary.json")
+    assert summary["world_size"] == 2 and summary["steps"] == 20
+    assert len(torch.load(tmp_path / "checkpoints" / kind / "last.pt", weights_only=True)["rng"]) == 2
+    subprocess.run(command(30), check=True, env=env, cwd=tmp_path, capture_output=True, timeout=240)
+    summary = read_json(tmp_path / "models" / kind / "summary.json")
+    assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
+    assert load_generator(tmp_path / "models" / kind / "generator.pt").step == 30

@@ -176,10 +176,17 @@ def train_step(
     step: int,
     policy: tuple[str, ...],
     ema_decay: float,
+    generator_net: nn.Module | None = None,
+    discriminator_net: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One discriminator step and one generator step on a batch of real (N, C, H, W) images."""
+    """One discriminator step and one generator step on a batch of real (N, C, H, W) images.
+
+    ``generator_net`` / ``discriminator_net`` are the modules to call (e.g. DistributedDataParallel
+    wrappers); by default the model's own networks.
+    """
     device, latent_dim = real.device, model.config.latent_dim
-    generator, discriminator = model.generator, model.discriminator
+    generator = generator_net if generator_net is not None else model.generator
+    discriminator = discriminator_net if discriminator_net is not None else model.discriminator
     with autocast(device):
         with torch.no_grad():
             fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels))

@@ -103,11 +103,12 @@ def train_step(
     labels: torch.Tensor,
     rng: torch.Generator,
     kl_weight: float,
+    vae_net: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimiser step on the negative ELBO of a real (N, C, H, W) batch."""
+    """One optimiser step on the negative ELBO of a real (N, C, H, W) batch (``vae_net``: e.g. a DDP wrapper)."""
     noise = torch.randn(len(real), model.config.latent_dim, generator=rng).to(real.device)
     with autocast(real.device):
-        logits, mu, logvar = model(real, labels, noise)
+        logits, mu, logvar = (vae_net if vae_net is not None else model)(real, labels, noise)
     loss, recon, kl = cvae_loss(logits.float(), real, mu.float(), logvar.float(), kl_weight)
     optimizers["vae"].zero_grad(set_to_none=True)
     loss.backward()
