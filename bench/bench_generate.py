@@ -15,7 +15,6 @@ cGAN (speed rows only: acceptance rates then mean nothing). Rows:
 
 from __future__ import annotations
 
-import copy
 import resource
 import subprocess
 import sys
@@ -53,21 +52,24 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / seconds
 
 
-def _without_parametrizations(network: torch.nn.Module) -> torch.nn.Module:
-    """A copy with spectral norm folded into plain weights (FlopCounterMode trips on parametrizations)."""
-    network = copy.deepcopy(network)
+def _fold_parametrizations(network: torch.nn.Module) -> None:
+    """Fold spectral norm into plain weights, in place (FlopCounterMode trips on parametrizations).
+
+    Only ever on a freshly loaded model: a deepcopy shares the injected Parametrized* classes,
+    so removing the parametrization there would break the original too.
+    """
     for module in network.modules():
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name)
-    return network
 
 
-def flops_per_sample(model, classifier, image_shape) -> dict[str, float]:
+def flops_per_sample(model_path: Path, classifier, image_shape) -> dict[str, float]:
     n = 64
     labels = torch.zeros(n, dtype=torch.long)
-    model = copy.copy(model)
-    model.network, model.discriminator = _without_parametrizations(model.network), _without_parametrizations(model.discriminator)
+    model = load_generator(model_path, "cpu")
+    _fold_parametrizations(model.network)
+    _fold_parametrizations(model.discriminator)
     counts = {}
     with torch.inference_mode():
         for name, fn in {
@@ -151,7 +153,7 @@ def main(prepared_dir: Path | None = None, model_path: Path | None = None) -> No
     print(f"textbook (batches of 64, per-sample loop; {N_TEXTBOOK} samples): {textbook_rate:,.0f} samples/s; "
           f"speed-up of the batched path: {len(labels) / total / textbook_rate:.1f}x")
 
-    flops = flops_per_sample(model, filters["classifier"].classifier_, image_shape)
+    flops = flops_per_sample(model_path, filters["classifier"].classifier_, image_shape)
     rate = matmul_rate()
     model_seconds = sum(s for name, s in rows if name.startswith(("generate", "filter discriminator", "filter classifier")))
     achieved = sum(flops.values()) * len(labels) / model_seconds

@@ -91,14 +91,18 @@ class CVAESection(Section):
     latent_dim: int = Field(16, ge=1, description="Size of the latent vector.")
     base_channels: int = Field(32, ge=4, description="Width of the image-resolution layer (coarser layers are wider).")
     lr: float = Field(1e-3, gt=0)
-    kl_weight: float = Field(1.0, ge=0, description="Final weight of the KL term.")
+    kl_weight: float = Field(
+        0.03, ge=0, description="Final weight of the KL term (beta < 1: more latent information, more diverse samples)."
+    )
     kl_warmup_steps: int = Field(500, ge=0, description="Linear KL warm-up from 0 to kl_weight.")
 
 
 class TrainConfig(Section):
     """Generator training (stage `train`): shared loop settings plus one section per model."""
 
-    model: Literal["cgan", "cvae"] = Field("cgan", description="Which conditional generator to train.")
+    model: Literal["cgan", "cvae"] = Field(
+        "cvae", description="Which conditional generator to train (cvae: diverse on scarce data; cgan: sharper, can collapse)."
+    )
     seed: int = Field(0, description="Seed of weights, batches and noise.")
     steps: int = Field(2000, ge=1, description="Optimiser steps (one D + one G update each for the cGAN).")
     batch_size: int = Field(64, ge=1, description="Real images per step (drawn with replacement).")

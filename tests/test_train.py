@@ -21,7 +21,8 @@ from synthgen.io import read_json
 from synthgen.models import load_generator
 
 TINY = [
-    "train.batch_size=16", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10", "train.device=cpu",
+    "train.model=cgan", "train.batch_size=16", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10",
+    "train.device=cpu",
     "train.cgan.base_channels=4", "train.cgan.latent_dim=8", "train.cvae.base_channels=4", "train.cvae.latent_dim=4",
 ]
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_main_writes_outputs(prepared_dir, tmp_path, kind):
 def test_conditioning_really_conditions(prepared_dir, tmp_path, kind, steps):
     run_main(prepared_dir, tmp_path, f"train.model={kind}", f"train.steps={steps}", "train.checkpoint_every=1000",
              "train.cgan.base_channels=8", "train.cgan.lr_generator=0.001", "train.cgan.lr_discriminator=0.001",
-             "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50")
+             "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50", "train.cvae.kl_weight=1.0")
     model = load_generator(tmp_path / "models" / kind / "generator.pt")
     labels = torch.arange(4).repeat_interleave(50)
     accuracy = (quadrant_of(model.sample(labels, torch.Generator().manual_seed(0))) == labels.numpy()).mean()
@@ -164,7 +165,7 @@ def test_cli_reports_divergence_with_exit_code_2(prepared_dir, tmp_path):
 
 
 def test_config_validation():
-    assert TrainConfig().model == "cgan"
+    assert TrainConfig().model == "cvae"
     with pytest.raises(ConfigError, match="train.cgan.widht"):
         config_from_dict({"train": {"cgan": {"widht": 3}}})
     with pytest.raises(ConfigError, match="train.model"):
