@@ -114,7 +114,11 @@ def rss_child(n_samples: int, model_path: str, prepared_dir: str) -> None:
 
 
 def main(prepared_dir: Path | None = None, model_path: Path | None = None) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench_generate."))
+    with tempfile.TemporaryDirectory(prefix="bench_generate.") as tmp:
+        run_all(Path(tmp), prepared_dir, model_path)
+
+
+def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None) -> None:
     if prepared_dir is None:
         config = load_config(None, [f"data.source={MNIST}", "data.per_class=20", "data.val_per_class=10", "data.test_per_class=10"])
         prepared_dir = work / "prepared"

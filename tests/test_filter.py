@@ -15,7 +15,7 @@ from synthgen.data import DataError, load_prepared
 from synthgen.models import build_generator, classifier, save_generator
 
 TINY = {
-    "generate.min_per_class": 5, "generate.batch_size": 64, "generate.shard_size": 64, "generate.device": "cpu",
+    "train.model": "cgan", "generate.min_per_class": 5, "generate.batch_size": 64, "generate.shard_size": 64, "generate.device": "cpu",
     "generate.max_rounds": 2, "filter.classifier_steps": 10, "filter.device": "cpu",
 }
 

@@ -24,7 +24,7 @@ def models_root(tmp_path_factory):
 
 
 def tiny_config(**overrides):
-    defaults = {"generate.min_per_class": 6, "generate.batch_size": 16, "generate.shard_size": 40, "generate.device": "cpu"}
+    defaults = {"train.model": "cgan", "generate.min_per_class": 6, "generate.batch_size": 16, "generate.shard_size": 40, "generate.device": "cpu"}
     defaults.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in defaults.items()])
 
@@ -136,7 +136,7 @@ def test_cli_generate_and_its_user_errors(tiny_prepared, models_root, tmp_path):
 
     from synthgen.cli import app
 
-    sets = [arg for k, v in {"generate.min_per_class": 3, "generate.batch_size": 16, "generate.device": "cpu"}.items() for arg in ("--set", f"{k}={v}")]
+    sets = [arg for k, v in {"train.model": "cgan", "generate.min_per_class": 3, "generate.batch_size": 16, "generate.device": "cpu"}.items() for arg in ("--set", f"{k}={v}")]
     common = ["--prepared", str(tiny_prepared)]
     result = CliRunner().invoke(app, ["generate", *common, *sets, "--models", str(models_root), "--out", str(tmp_path / "pool")])
     assert result.exit_code == 0, result.output

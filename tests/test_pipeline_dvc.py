@@ -121,13 +121,14 @@ def test_repro_runs_every_stage_and_writes_the_outputs(pipeline_repo):
     assert ran_stages(log) == list(STAGES)
     lock = yaml.safe_load((pipeline_repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
-    for path in ["data/prepared/meta.json", "models/cgan/generator.pt", "data/synthetic/pool",
+    model = yaml.safe_load((pipeline_repo / "params.yaml").read_text())["train"]["model"]
+    for path in ["data/prepared/meta.json", f"models/{model}/generator.pt", "data/synthetic/pool",
                  "data/synthetic/filter_summary.json", "reports/metrics.json", "reports/REPORT.md"]:
         assert (pipeline_repo / path).exists(), path
-    assert (pipeline_repo / "checkpoints/cgan").is_dir()
+    assert (pipeline_repo / f"checkpoints/{model}").is_dir()
     metrics = json.loads(dvc(pipeline_repo, "metrics", "show", "--json"))
     files = metrics[""]["data"] if "" in metrics else next(iter(metrics.values()))["data"]
-    assert {"reports/metrics.json", "data/synthetic/filter_summary.json", "models/cgan/summary.json"} <= set(files)
+    assert {"reports/metrics.json", "data/synthetic/filter_summary.json", f"models/{model}/summary.json"} <= set(files)
 
 
 def test_second_repro_runs_nothing(pipeline_repo):
