@@ -36,9 +36,7 @@ REPORTS = Path("reports")
 
 
 def _config(params: Path, overrides: list[str] | None):
-    from synthgen.config import load_config
-
-    from synthgen.config import ConfigError
+    from synthgen.config import ConfigError, load_config
 
     try:
         return load_config(params if params.exists() or str(params) != "params.yaml" else None, overrides or [])
@@ -142,6 +140,22 @@ def filter_(
     from synthgen import filter as filter_stage
 
     _run(filter_stage.main, _config(params, set_), prepared, models, pool, out)
+
+
+@app.command()
+def export(
+    synthetic: Annotated[Path, typer.Option(help="Synthetic root written by `filter`.")] = SYNTHETIC,
+    out: Annotated[Path, typer.Option(help="Directory for the ImageFolder tree.")] = Path("synthetic-imagefolder"),
+) -> None:
+    """Write the accepted set as an ImageFolder tree OUT/<class>/<sample_id>.png from its npz shards.
+
+    For large sets run with `filter.image_folder: false` (DVC then tracks only the shards); this
+    writes the PNG view on demand. Reads: SYNTHETIC/accepted-shards, SYNTHETIC/filter_summary.json.
+    """
+    from synthgen.filter_outputs import export_image_folder
+
+    written = _run(export_image_folder, synthetic, out)
+    typer.echo(f"exported {written} images to {out}/<class>/")
 
 
 @app.command()

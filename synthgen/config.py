@@ -153,7 +153,14 @@ class FilterConfig(Section):
     classifier_quantile: float = Field(0.1, ge=0, le=1, description="Quantile of real-val confidences for per-class calibration.")
     classifier_steps: int = Field(300, ge=1, description="Training steps of the real-data filter classifier (train split only).")
     novelty: bool = Field(True, description="Reject near-copies of training images.")
-    novelty_threshold: float = Field(0.5, ge=0, description="Reject if NN distance < this x median real NN distance of the class.")
+    novelty_threshold: float = Field(
+        0.25, ge=0, description="Reject if NN distance < this x median real NN distance of the class. At 0.5 a "
+        "one-image class keeps only the generator's outliers (MNIST long tail: -2.3 vs +1.5 points at 0.25).",
+    )
+    image_folder: bool = Field(
+        True, description="Also write accepted/<class>/*.png. At 100k+ samples set false: DVC then hashes a few "
+        "npz shards instead of one file per sample; `synthgen export` writes the ImageFolder tree on demand.",
+    )
     seed: int = Field(0)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
 

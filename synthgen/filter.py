@@ -314,7 +314,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
         table, shards, history = run_rounds(pool_dir, work_dir / "topup", filters, quotas, config.generate, model_path, gen_device, int(pool_summary["next_sample_id"]))
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
-        filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary)
+        filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder)
         filter_outputs.commit(work_dir, synthetic_root)
     print(f"filter: {summary['accepted']}/{summary['quota']} accepted from {summary['generated']} candidates; shortfalls: {summary['shortfalls'] or 'none'}")
     return summary

@@ -31,7 +31,7 @@ from torchvision.utils import make_grid, save_image
 
 from synthgen.data import DataError, LabeledImages, to_tensor
 from synthgen.generate import read_shard, shard_paths
-from synthgen.io import atomic_write_text, read_json, save_npz, write_json
+from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
 
 OUTPUT_NAMES = ("accepted", "accepted-shards", "manifest.csv", "figures")
 SUMMARY_NAME = "filter_summary.json"
@@ -64,21 +64,31 @@ def manifest_table(table: pd.DataFrame, class_names) -> pd.DataFrame:
     return manifest[MANIFEST_COLUMNS]
 
 
-def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names) -> dict:
-    """Pass over the candidate shards writing PNGs + accepted shards; returns grid examples per class."""
+IMAGE_FOLDER_OFF_NOTE = (
+    "filter.image_folder is false: the accepted samples are only in ../accepted-shards/ (npz: x, y, sample_id).\n"
+    "Write them as an ImageFolder tree with:  synthgen export --synthetic data/synthetic --out <dir>\n"
+)
+
+
+def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, image_folder: bool = True) -> dict:
+    """Pass over the candidate shards writing PNGs (if ``image_folder``) + accepted shards; returns grid examples per class."""
     accepted_ids = table.loc[table["accepted"], "sample_id"].to_numpy()
     rejected_ids = table.loc[~table["accepted"], "sample_id"].to_numpy()
     image_dir, shard_dir = work_dir / "accepted", work_dir / "accepted-shards"
-    for name in class_names:
+    for name in class_names if image_folder else []:
         (image_dir / name).mkdir(parents=True, exist_ok=True)
+    if not image_folder:  # the DVC out still exists, and says where the samples are
+        image_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(image_dir / "README.txt", IMAGE_FOLDER_OFF_NOTE)
     shard_dir.mkdir(parents=True, exist_ok=True)
     examples: dict = {(c, kind): [] for c in range(len(class_names)) for kind in ("accepted", "rejected")}
     written = 0
     for path in shards:
         shard = read_shard(path)
         mask = np.isin(shard["sample_id"], accepted_ids)
-        for image, label, sample_id in zip(shard["x"][mask], shard["y"][mask], shard["sample_id"][mask]):
-            save_png(image, image_dir / class_names[label] / f"{sample_id:09d}.png")
+        if image_folder:
+            for image, label, sample_id in zip(shard["x"][mask], shard["y"][mask], shard["sample_id"][mask]):
+                save_png(image, image_dir / class_names[label] / f"{sample_id:09d}.png")
         if mask.any():
             save_npz(shard_dir / f"shard-{written:05d}.npz", x=shard["x"][mask], y=shard["y"][mask], sample_id=shard["sample_id"][mask])
             written += 1
@@ -119,12 +129,13 @@ def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Pat
     figure.savefig(path, dpi=80)
 
 
-def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, filters: dict, summary: dict) -> None:
+def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, filters: dict, summary: dict,
+                  image_folder: bool = True) -> None:
     """Write every output into ``work_dir`` (the staging dir); nothing outside it is touched."""
     class_names = list(class_names)
     first = read_shard(shards[0])["x"] if shards else None
     image_shape = list(first.shape[1:]) if first is not None else summary.get("image_shape", [1, 1, 1])
-    examples = _write_accepted(work_dir, table, shards, class_names)
+    examples = _write_accepted(work_dir, table, shards, class_names, image_folder)
     atomic_write_text(work_dir / "manifest.csv", manifest_table(table, class_names).to_csv(index=False))
     figures = work_dir / "figures"
     figures.mkdir()
@@ -169,3 +180,24 @@ def load_manifest(synthetic_root: str | Path) -> pd.DataFrame:
     """manifest.csv with ``rejected_by`` = '' for accepted rows (CSV reads empty cells as NaN)."""
     manifest = pd.read_csv(Path(synthetic_root) / "manifest.csv")
     return manifest.assign(rejected_by=manifest["rejected_by"].fillna(""))
+
+
+def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:
+    """Write the committed accepted set as ``out_dir/<class_name>/<sample_id>.png``, shard by shard.
+
+    Built in a temp sibling and swapped in at the end (:func:`synthgen.io.atomic_dir`), so an
+    interrupted export leaves no half-written tree. Returns the number of images written.
+    """
+    root = Path(synthetic_root)
+    load_accepted(root)  # refuses a root without a committed summary, or whose shards disagree with it
+    class_names = read_json(root / SUMMARY_NAME)["class_names"]
+    written = 0
+    with atomic_dir(out_dir) as tmp:
+        for name in class_names:
+            (tmp / name).mkdir()
+        for path in shard_paths(root / "accepted-shards"):
+            shard = read_shard(path)
+            for image, label, sample_id in zip(shard["x"], shard["y"], shard["sample_id"]):
+                save_png(image, tmp / class_names[label] / f"{sample_id:09d}.png")
+                written += 1
+    return written

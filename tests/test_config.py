@@ -41,12 +41,12 @@ def test_wrong_type_rejected_naming_the_key(tmp_path):
 def test_overrides_are_typed():
     config = load_config(
         PARAMS,
-        ["train.steps=100", "data.per_class=null", "filter.novelty=false", "filter.novelty_threshold=0.25",
+        ["train.steps=100", "data.per_class=null", "filter.novelty=false", "filter.novelty_threshold=0.3",
          "data.long_tail={max: 20, ratio: 10}", "data.source=some/dir"],
     )
     assert config.train.steps == 100 and isinstance(config.train.steps, int)
     assert config.data.per_class is None and config.filter.novelty is False
-    assert config.filter.novelty_threshold == pytest.approx(0.25)
+    assert config.filter.novelty_threshold == pytest.approx(0.3)
     assert config.data.long_tail.max == 20 and config.data.long_tail.ratio == 10.0
     assert config.data.source == "some/dir"
 

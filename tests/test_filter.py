@@ -77,6 +77,23 @@ def test_thresholds_tighten_monotonically(tiny_prepared, models_root, pool_dir):
         assert sizes[0] >= len(data.val.y) and sizes[-1] < sizes[0], (name, sizes)
 
 
+
+def test_without_image_folder_dvc_tracks_shards_only_and_export_writes_the_tree(tiny_prepared, models_root, pool_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
+    out = tmp_path / "synthetic"
+    run_filter(tiny_prepared, models_root, pool_dir, out, **{"filter.image_folder": "false", "filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0})
+    assert [p.name for p in (out / "accepted").iterdir()] == ["README.txt"]  # the DVC out exists and says why
+    accepted = flt.load_accepted(out)
+    result = CliRunner().invoke(app, ["export", "--synthetic", str(out), "--out", str(tmp_path / "tree")])
+    assert result.exit_code == 0, result.output
+    folder = ImageFolder(tmp_path / "tree")
+    assert np.bincount(folder.targets, minlength=10).tolist() == accepted.counts().tolist()
+    missing = CliRunner().invoke(app, ["export", "--synthetic", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t2")])
+    assert missing.exit_code == 2 and "filter_summary.json" in missing.output and not (tmp_path / "t2").exists()
+
 def test_select_keeps_first_quota_and_explains_every_rejection():
     table = pd.DataFrame({
         "sample_id": [5, 1, 2, 3, 4, 0], "label": [0, 0, 0, 1, 1, 0],

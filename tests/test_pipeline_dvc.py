@@ -153,3 +153,20 @@ def test_filter_param_experiment_reruns_only_filter_onward_and_diffs(pipeline_re
     finally:
         restore_committed(pipeline_repo)
     assert "up to date" in dvc(pipeline_repo, "status")
+
+
+def test_push_then_pull_into_a_second_clone_restores_every_artifact(pipeline_repo, tmp_path):
+    remote = tmp_path / "remote"  # an absolute path: both clones see the same storage, as with ~/.cache
+    dvc(pipeline_repo, "remote", "add", "--local", "-f", "-d", "shared", str(remote))
+    try:
+        dvc(pipeline_repo, "push")
+        clone = tmp_path / "clone"
+        sh(tmp_path, "git", "clone", "-q", str(pipeline_repo), str(clone))
+        dvc(clone, "remote", "add", "--local", "-f", "-d", "shared", str(remote))
+        dvc(clone, "pull")
+        assert "up to date" in dvc(clone, "status")
+        for path in ["data/prepared/meta.json", "data/synthetic/accepted", "reports/metrics.json", "reports/REPORT.md"]:
+            assert (clone / path).exists(), path
+        assert (clone / "reports/metrics.json").read_text() == (pipeline_repo / "reports/metrics.json").read_text()
+    finally:
+        (pipeline_repo / ".dvc" / "config.local").unlink(missing_ok=True)
