@@ -126,7 +126,8 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 def main(
     settings: Annotated[str, typer.Option(help="Comma-separated: 10pc, 50pc, lt.")] = "10pc,50pc,lt",
-    draws: Annotated[int, typer.Option(help="Label-subset draws (data.seed = 0..draws-1).")] = 3,
+    draws: Annotated[int, typer.Option(help="Label-subset draws (data.seed = first_draw .. first_draw+draws-1).")] = 3,
+    first_draw: Annotated[int, typer.Option(help="data.seed of the first draw (to add draws to earlier results).")] = 0,
     source: Annotated[Path, typer.Option(help="MNIST IDX directory.")] = MNIST,
     params: Annotated[Optional[Path], typer.Option(help="params.yaml (default: ./params.yaml when present).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override for every run, e.g. train.model=cvae.")] = None,
@@ -142,7 +143,7 @@ def main(
     variants = [[]] + [item.split(",") for item in (variant or [])]
     rows = []
     for setting in settings.split(","):
-        for draw in range(draws):
+        for draw in range(first_draw, first_draw + draws):
             overrides = base + SETTINGS[setting] + [f"data.seed={draw}"]
             config, prepared, accepted, pool, seconds = run_pipeline(overrides, work / f"{setting}-{draw}", params, reuse)
             console.print(f"{setting} draw {draw}: pipeline {seconds:.0f}s, {len(accepted.y)} accepted of {len(pool.y)} candidates")
