@@ -8,7 +8,8 @@ images per class, trains the generator with the params defaults plus ``--set`` o
 scores it with a CNNClassifier trained on the held-out real images (the test split):
 * CAS-style accuracy: share of class-conditional samples the real-data classifier labels as the
   conditioned class (target >= 0.90);
-* diversity ratio per class: mean pairwise distance of samples in the classifier's feature space
+* diversity ratio per class (samples drawn as `synthgen generate` draws them: ``generate.latent``,
+  ``--set generate.latent=prior`` for prior draws): mean pairwise distance of samples in the classifier's feature space
   divided by the same for held-out real images of that class (target >= 0.80 for every class).
 """
 
@@ -30,6 +31,7 @@ from rich.table import Table
 from scipy.spatial.distance import pdist
 
 from synthgen import data as data_stage
+from synthgen import generate
 from synthgen import train as train_stage
 from synthgen.config import load_config
 from synthgen.data import load_prepared, to_uint8
@@ -41,10 +43,11 @@ def mean_pairwise(features: np.ndarray) -> float:
     return float(pdist(features).mean())
 
 
-def score_generator(generator, real_x: np.ndarray, real_y: np.ndarray, n_per_class: int, classifier: CNNClassifier, seed: int = 0) -> dict:
+def score_generator(generator, real_x: np.ndarray, real_y: np.ndarray, n_per_class: int, classifier: CNNClassifier, seed: int = 0,
+                    latent: str = "prior", latent_noise: float = 0.5) -> dict:
     """CAS-style accuracy and per-class feature-space diversity ratio of ``generator``'s samples."""
     labels = torch.arange(generator.n_classes).repeat_interleave(n_per_class)
-    samples = to_uint8(generator.sample(labels, torch.Generator().manual_seed(seed)))
+    samples = to_uint8(generator.sample(labels, torch.Generator().manual_seed(seed), latent=latent, latent_noise=latent_noise))
     predicted = classifier.predict(samples)
     fake_features, real_features = classifier.transform(samples), classifier.transform(real_x)
     per_class = {}
@@ -98,9 +101,11 @@ def main(
     classifier = held_out_classifier(prepared, classifier_steps, work / f"classifier-{classifier_steps}.pkl")
     classifier_seconds = time.perf_counter() - start
     generator = load_generator(work / "models" / config.train.model / "generator.pt")
-    scores = score_generator(generator, prepared.test.x, prepared.test.y, samples_per_class, classifier)
+    latent = generate.resolve_latent(config.generate.latent, generator)  # what `synthgen generate` will use
+    scores = score_generator(generator, prepared.test.x, prepared.test.y, samples_per_class, classifier,
+                             latent=latent, latent_noise=config.generate.latent_noise)
 
-    table = Table(title=f"train bench: {config.train.model}, {per_class}/class, {config.train.steps} steps ({source})")
+    table = Table(title=f"train bench: {config.train.model}, {per_class}/class, {config.train.steps} steps, latent={latent} ({source})")
     for column in ("class", "CAS accuracy", "diversity ratio", "pixel diversity ratio"):
         table.add_column(column, justify="right")
     for k, row in scores["per_class"].items():
@@ -110,6 +115,7 @@ def main(
     min_diversity = min(row["diversity_ratio"] for row in scores["per_class"].values())
     result = {
         "model": config.train.model,
+        "latent": latent,
         "steps": summary["steps"],
         "train_wall_s": round(summary["wall_time_s"], 1),
         "real_images_per_s": round(summary["images_per_s"], 1),

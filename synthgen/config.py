@@ -129,6 +129,11 @@ class GenerateConfig(Section):
         1.0, ge=0, description="balance=ratio: ratio x all real images, given to the smallest classes first (ratio x real per class when balanced)."
     )
     min_per_class: int = Field(100, ge=0, description="Every class's quota is at least this (balanced data has no to_max deficit).")
+    latent: Literal["auto", "prior", "interpolate"] = Field(
+        "auto", description="Latent sampling: prior z ~ N(0, I); interpolate between encoded training images of the class "
+        "(cVAE only); auto = interpolate when the generator has a latent bank (the cVAE), else prior."
+    )
+    latent_noise: float = Field(0.5, ge=0, description="interpolate: std of the Gaussian noise added to the interpolated code.")
     oversample: float = Field(2.0, ge=1.0, description="First-round over-generation factor before acceptance is measured.")
     max_rounds: int = Field(4, ge=1, description="Bound on top-up rounds.")
     batch_size: int = Field(1024, ge=1, description="Samples per generator forward pass.")

@@ -241,7 +241,7 @@ def topup_requests(table: pd.DataFrame, quotas: np.ndarray, first_requests: np.n
 
 
 def run_rounds(pool_dir: Path, work_dir: Path, filters: dict, quotas: np.ndarray, gen: GenerateConfig,
-               model_path: Path, device: str, first_id: int) -> tuple[pd.DataFrame, list[Path], list[list[int]]]:
+               model_path: Path, device: str, first_id: int, latent: str = "prior") -> tuple[pd.DataFrame, list[Path], list[list[int]]]:
     """Score the pool, then top up short classes for at most ``gen.max_rounds`` rounds.
 
     Returns the selected table, every candidate shard (pool + top-ups) and each round's requests.
@@ -259,7 +259,7 @@ def run_rounds(pool_dir: Path, work_dir: Path, filters: dict, quotas: np.ndarray
             history.append(requests.tolist())
             round_dir = work_dir / f"round-{round_number}"
             round_dir.mkdir(parents=True)
-            specs = make_shard_specs(requests, first_id, gen, model_path, device, round_dir, start_index=len(shards))
+            specs = make_shard_specs(requests, first_id, gen, model_path, device, round_dir, start_index=len(shards), latent=latent)
             map_shards(run_shard, specs, pool)
             new = [Path(spec.out_path) for spec in specs]
             parts = map_shards(score_shard, [ScoreSpec(str(p), filters, round_number) for p in new], pool)
@@ -311,7 +311,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     quotas = compute_quotas(prepared.train.counts(), config.generate)
     gen_device = str(resolve_device(config.generate.device))
     with filter_outputs.staging(synthetic_root) as work_dir:
-        table, shards, history = run_rounds(pool_dir, work_dir / "topup", filters, quotas, config.generate, model_path, gen_device, int(pool_summary["next_sample_id"]))
+        table, shards, history = run_rounds(pool_dir, work_dir / "topup", filters, quotas, config.generate, model_path, gen_device,
+                                            int(pool_summary["next_sample_id"]), pool_summary.get("latent", "prior"))
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
         filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder)

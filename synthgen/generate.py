@@ -81,6 +81,8 @@ class ShardSpec:
     seed: int
     device: str
     out_path: str | None = None  # write the shard here and return a summary; None returns arrays
+    latent: str = "prior"  # "prior" or "interpolate" (resolved from generate.latent, see resolve_latent)
+    latent_noise: float = 0.5
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -89,7 +91,17 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, seed: int, device: torch.device) -> np.ndarray:
+def resolve_latent(mode: str, model) -> str:
+    """``generate.latent`` for this generator: ``auto`` is ``interpolate`` when it has a latent bank (cVAE)."""
+    if mode == "auto":
+        return "interpolate" if model.can_interpolate else "prior"
+    if mode == "interpolate" and not model.can_interpolate:
+        raise DataError(f"generate.latent=interpolate needs a cVAE generator with a latent bank; this {model.kind} has none (use prior or auto)")
+    return mode
+
+
+def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, seed: int, device: torch.device,
+                   latent: str = "prior", latent_noise: float = 0.5) -> np.ndarray:
     """Sample ``labels`` (ids ``first_id...``) batch by batch; returns uint8 (n, H, W, C)."""
     if first_id % batch_size:
         raise ValueError(f"first_id {first_id} is not a multiple of batch_size {batch_size}")
@@ -99,7 +111,7 @@ def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, se
         generator = torch.Generator().manual_seed(batch_seed(seed, (first_id + start) // batch_size))
         batch = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
         with torch.inference_mode(), autocast(device):
-            outputs.append(to_uint8(model.sample(batch, generator)))
+            outputs.append(to_uint8(model.sample(batch, generator, latent=latent, latent_noise=latent_noise)))
     if not outputs:
         channels, height, width = model.image_shape
         return np.zeros((0, height, width, channels), dtype=np.uint8)
@@ -125,7 +137,7 @@ def run_shard(spec: ShardSpec) -> dict:
     """Generate one shard; top-level so process and Dask workers can unpickle it."""
     device = torch.device(spec.device)
     model = load_model(spec.model_path, device)
-    x = sample_batches(model, spec.labels, spec.first_id, spec.batch_size, spec.seed, device)
+    x = sample_batches(model, spec.labels, spec.first_id, spec.batch_size, spec.seed, device, spec.latent, spec.latent_noise)
     sample_id = spec.first_id + np.arange(len(spec.labels), dtype=np.int64)
     y = spec.labels.astype(np.int64)
     if spec.out_path is None:
@@ -135,7 +147,8 @@ def run_shard(spec: ShardSpec) -> dict:
 
 
 def make_shard_specs(
-    requests: np.ndarray, first_id: int, config: GenerateConfig, model_path: str | Path, device: str, out_dir: str | Path | None, start_index: int = 0
+    requests: np.ndarray, first_id: int, config: GenerateConfig, model_path: str | Path, device: str, out_dir: str | Path | None,
+    start_index: int = 0, latent: str = "prior",
 ) -> list[ShardSpec]:
     """Split the per-class requests (ids assigned class by class from ``first_id``) into shards.
 
@@ -147,7 +160,8 @@ def make_shard_specs(
     for number, start in enumerate(range(0, len(labels), shard_len)):
         index = start_index + number
         out_path = None if out_dir is None else str(Path(out_dir) / f"shard-{index:05d}.npz")
-        specs.append(ShardSpec(index, str(model_path), labels[start : start + shard_len], first_id + start, config.batch_size, config.seed, device, out_path))
+        specs.append(ShardSpec(index, str(model_path), labels[start : start + shard_len], first_id + start, config.batch_size,
+                               config.seed, device, out_path, latent, config.latent_noise))
     return specs
 
 
@@ -196,9 +210,10 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     if not model_path.is_file():
         raise DataError(f"generator weights {model_path} not found: run `synthgen train` first")
     device = str(resolve_device(gen.device))
+    latent = resolve_latent(gen.latent, load_model(model_path, device))
     started = time.perf_counter()
     with atomic_dir(pool_dir) as tmp:
-        specs = make_shard_specs(requests, 0, gen, model_path, device, tmp)
+        specs = make_shard_specs(requests, 0, gen, model_path, device, tmp, latent=latent)
         shards = map_shards(run_shard, specs, gen.executor, gen.workers)
         n_samples = int(requests.sum())
         plan = plan_table(real_counts, quotas, requests, prepared.class_names)
@@ -208,6 +223,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
             "image_shape": list(prepared.image_shape),
             "model": config.train.model,
             "balance": gen.balance,
+            "latent": latent,
             "real": real_counts,
             "quotas": quotas,
             "requests": requests,

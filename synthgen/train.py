@@ -392,6 +392,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
     }
     if rank == 0:
         generator = models.as_generator(state.network, state.step)
+        if isinstance(state.network, cvae.CVAE):  # codes of the training images, for latent="interpolate" sampling
+            generator.latent_bank = (cvae.encode_means(state.network, images, labels).cpu(), labels.cpu())
         summary["pixel_diversity_ratio"] = pixel_diversity_ratio(generator, images, labels, seed=train_config.seed)
         write_outputs(Path(models_root) / train_config.model, generator, state, train_config, summary, grids_dir)
         console.print(

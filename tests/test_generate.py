@@ -145,3 +145,20 @@ def test_cli_generate_and_its_user_errors(tiny_prepared, models_root, tmp_path):
     assert missing.exit_code == 2 and "generator.pt" in missing.output
     bad = CliRunner().invoke(app, ["filter", *common, "--pool", str(tmp_path / "no-pool"), "--models", str(models_root), "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2 and "generate_summary.json" in bad.output
+
+
+def test_latent_mode_resolution_and_interpolated_pool(tiny_prepared, models_root, tmp_path):
+    gan = build_generator("cgan", 10, (1, 8, 8), base_channels=8)
+    assert generate.resolve_latent("auto", gan) == "prior"
+    with pytest.raises(DataError, match="latent bank"):
+        generate.resolve_latent("interpolate", gan)
+    vae = build_generator("cvae", 10, (1, 8, 8), base_channels=8, latent_dim=4)
+    vae.latent_bank = (torch.randn(20, 4), torch.arange(10).repeat(2))
+    save_generator(vae, tmp_path / "models" / "cvae" / "generator.pt")
+    assert generate.resolve_latent("auto", vae) == "interpolate"
+    summaries = {}
+    for latent in ("auto", "prior"):
+        config = tiny_config(**{"train.model": "cvae", "generate.latent": latent})
+        summaries[latent] = generate.main(config, tiny_prepared, tmp_path / "models", tmp_path / f"pool-{latent}")
+    assert summaries["auto"]["latent"] == "interpolate" and summaries["prior"]["latent"] == "prior"
+    assert not np.array_equal(generate.load_pool(tmp_path / "pool-auto").x, generate.load_pool(tmp_path / "pool-prior").x)

@@ -105,3 +105,43 @@ def test_diffaugment():
     assert ((cut == 0).flatten(1).sum(1) <= 16).all()  # at most a 4x4 square of an 8x8 image
     shifted = translation(ones, torch.Generator().manual_seed(1))
     assert set(shifted.unique().tolist()) <= {-1.0, 1.0} and (shifted == -1).any()
+
+
+def _with_bank(model, codes_per_class):
+    """Attach a latent bank: ``codes_per_class[k]`` codes for class k (0 leaves class k to the prior)."""
+    labels = torch.repeat_interleave(torch.arange(len(codes_per_class)), torch.tensor(codes_per_class))
+    model.latent_bank = (torch.randn(len(labels), model.latent_dim, generator=torch.Generator().manual_seed(9)), labels)
+    return model
+
+
+def test_interpolate_codes_stay_between_class_codes_and_fall_back_to_prior():
+    from synthgen.models import interpolate_codes
+
+    codes = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, -10.0]])
+    bank = (codes, torch.tensor([0, 0, 1]))
+    labels = torch.tensor([0] * 50 + [1] * 5 + [2] * 5)
+    noise = torch.randn(60, 2, generator=torch.Generator().manual_seed(0))
+    z = interpolate_codes(bank, labels, noise, 0.0, torch.Generator().manual_seed(1))
+    assert torch.all(z[:50] >= 0) and torch.all(z[:50] <= 2) and torch.allclose(z[:50, 0], z[:50, 1])  # on the 0-1 segment
+    assert z[:50, 0].std() > 0.3  # spread along it, not piled on one code
+    assert torch.equal(z[50:55], codes[2].expand(5, 2))  # one code: that code (plus zero noise)
+    assert torch.equal(z[55:], noise[55:])  # no code for class 2: prior noise
+    noisy = interpolate_codes(bank, labels, noise, 0.5, torch.Generator().manual_seed(1))
+    assert torch.allclose(noisy[:55] - z[:55], 0.5 * noise[:55]) and torch.equal(noisy[55:], noise[55:])
+
+
+def test_interpolate_sampling_seeded_saved_and_refused_without_bank(tmp_path):
+    model = _with_bank(build_generator("cvae", 3, (1, 8, 8), base_channels=4, latent_dim=8), [4, 1, 0])
+    labels = torch.tensor([0, 0, 1, 2])
+    first = model.sample(labels, torch.Generator().manual_seed(3), latent="interpolate")
+    assert first.shape == (4, 1, 8, 8)
+    assert torch.equal(first, model.sample(labels, torch.Generator().manual_seed(3), latent="interpolate"))
+    assert not torch.equal(first, model.sample(labels, torch.Generator().manual_seed(3)))  # prior differs
+    loaded = load_generator(save_generator(model, tmp_path / "generator.pt"), "cpu")
+    assert torch.equal(loaded.latent_bank[0], model.latent_bank[0]) and torch.equal(loaded.latent_bank[1], model.latent_bank[1])
+    assert torch.equal(first, loaded.sample(labels, torch.Generator().manual_seed(3), latent="interpolate"))
+    gan = build_generator("cgan", 3, (1, 8, 8), base_channels=4, latent_dim=8)
+    with pytest.raises(ValueError, match="latent bank"):
+        gan.sample(labels, latent="interpolate")
+    with pytest.raises(ValueError, match="unknown latent"):
+        model.sample(labels, latent="posterior")

@@ -71,6 +71,11 @@ def test_main_writes_outputs(prepared_dir, tmp_path, kind):
     assert (out / "samples.png").stat().st_size > 0 and read_json(out / "config.json")["train"]["model"] == kind
     model = load_generator(out / "generator.pt")
     assert model.kind == kind and model.image_shape == (1, 8, 8) and model.step == 20
+    assert model.can_interpolate == (kind == "cvae")  # the cVAE keeps its training images' codes
+    if kind == "cvae":
+        train_labels = np.load(prepared_dir / "train.npz")["y"]
+        assert model.latent_bank[0].shape == (len(train_labels), model.latent_dim)
+        np.testing.assert_array_equal(model.latent_bank[1].numpy(), train_labels)
     payload = torch.load(tmp_path / "checkpoints" / kind / "last.pt", weights_only=True)
     assert payload["step"] == 20
 
@@ -82,8 +87,10 @@ def test_conditioning_really_conditions(prepared_dir, tmp_path, kind, steps):
              "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50", "train.cvae.kl_weight=1.0")
     model = load_generator(tmp_path / "models" / kind / "generator.pt")
     labels = torch.arange(4).repeat_interleave(50)
-    accuracy = (quadrant_of(model.sample(labels, torch.Generator().manual_seed(0))) == labels.numpy()).mean()
-    assert accuracy >= 0.8, f"{kind}: samples land in the conditioned quadrant {accuracy:.0%} of the time (chance 25%)"
+    for latent in ("prior", "interpolate") if kind == "cvae" else ("prior",):
+        images = model.sample(labels, torch.Generator().manual_seed(0), latent=latent)
+        accuracy = (quadrant_of(images) == labels.numpy()).mean()
+        assert accuracy >= 0.8, f"{kind} ({latent}): samples land in the conditioned quadrant {accuracy:.0%} of the time (chance 25%)"
 
 
 def _weights(path: Path) -> dict:

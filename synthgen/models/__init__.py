@@ -4,14 +4,22 @@
 model = load_generator("models/cgan/generator.pt", device)   # or build_generator("cvae", 10, (1, 8, 8))
 model.n_classes, model.image_shape                             # image_shape = (C, H, W)
 images = model.sample(class_labels, generator)                 # (N, C, H, W) float32 in [-1, 1]
+images = model.sample(class_labels, generator, latent="interpolate", latent_noise=0.5)  # cVAE: between real codes
 model.has_discriminator                                        # True for the cGAN
 scores = model.discriminator_score(images, class_labels)       # (N,), higher = more real
 ```
 
 ``generator.pt`` holds only tensors and plain types (``torch.load(weights_only=True)``): the
 model kind, its config dataclass as a dict, the sampling network's weights (the EMA generator
-for the cGAN, the decoder for the cVAE), the cGAN discriminator, the training step and the
-train config.
+for the cGAN, the decoder for the cVAE), the cGAN discriminator, the cVAE's latent bank (the
+posterior means of the training images and their labels), the training step and the train config.
+
+Sampling modes (``latent=``): ``prior`` draws z ~ N(0, I). ``interpolate`` (cVAE only) picks two
+training images of the requested class from the latent bank, takes z on the segment between
+their codes (t ~ U(0, 1)) and adds ``latent_noise`` x N(0, I): samples stay on the region of
+latent space that real images occupy instead of the prior's holes, which on scarce data made the
+synthetic set far more useful downstream (MNIST 10/class: -2.7 -> -0.3 points vs classical
+augmentation, see README). Classes without codes in the bank fall back to the prior.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ MODEL_KINDS = ("cgan", "cvae")
 class ConditionalGenerator:
     """A trained (or freshly built) class-conditional generator, ready for sampling."""
 
-    def __init__(self, kind: str, config, network: nn.Module, discriminator: nn.Module | None = None, step: int = 0):
+    def __init__(self, kind: str, config, network: nn.Module, discriminator: nn.Module | None = None, step: int = 0,
+                 latent_bank: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kind = kind
         self.config = config  # cgan.CGANConfig or cvae.CVAEConfig
         self.network = network.eval()  # (z, labels) -> raw output; see _activation
         self.discriminator = discriminator.eval() if discriminator is not None else None
         self.step = step
+        self.latent_bank = latent_bank  # (codes (M, latent_dim) float32, labels (M,) int64) on the CPU, or None
 
     @property
     def n_classes(self) -> int:
@@ -70,10 +80,16 @@ class ConditionalGenerator:
     def _activation(self, raw: torch.Tensor) -> torch.Tensor:
         return cgan.output_activation(raw) if self.kind == "cgan" else cvae.output_activation(raw)
 
+    @property
+    def can_interpolate(self) -> bool:
+        return self.latent_bank is not None and len(self.latent_bank[1]) > 0
+
     @torch.inference_mode()
-    def sample(self, class_labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, class_labels: torch.Tensor, generator: torch.Generator | None = None,
+               latent: str = "prior", latent_noise: float = 0.5) -> torch.Tensor:
         """(N,) class ids -> (N, C, H, W) float32 images in [-1, 1]. Noise is drawn from ``generator``
-        on its own device (a CPU generator gives the same noise on every device)."""
+        on its own device (a CPU generator gives the same noise on every device). ``latent``:
+        ``prior`` or ``interpolate`` (module docstring)."""
         labels = torch.as_tensor(class_labels, dtype=torch.long)
         if labels.ndim != 1:
             raise ValueError(f"class_labels must be 1-D, got shape {tuple(labels.shape)}")
@@ -81,7 +97,14 @@ class ConditionalGenerator:
             raise ValueError(f"class_labels must lie in 0..{self.n_classes - 1}")
         device = self.device
         noise_device = generator.device if generator is not None else device
-        noise = torch.randn(len(labels), self.latent_dim, generator=generator, device=noise_device).to(device)
+        noise = torch.randn(len(labels), self.latent_dim, generator=generator, device=noise_device)
+        if latent == "interpolate":
+            if not self.can_interpolate:
+                raise ValueError(f"latent='interpolate' needs a latent bank of encoded training images (a cVAE); this {self.kind} has none")
+            noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), latent_noise, generator)
+        elif latent != "prior":
+            raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
+        noise = noise.to(device)
         with autocast(device):
             raw = self.network(noise, labels.to(device))
         return self._activation(raw.float()).clamp(-1.0, 1.0)
@@ -95,6 +118,30 @@ class ConditionalGenerator:
         with autocast(device):
             scores = self.discriminator(images.to(device, torch.float32), torch.as_tensor(class_labels, dtype=torch.long).to(device))
         return scores.float()
+
+
+def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, noise: torch.Tensor,
+                      latent_noise: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Latents between two random bank codes of each row's class, plus ``latent_noise`` x ``noise``.
+
+    ``bank`` = (codes (M, D), code labels (M,)); ``labels`` (N,); ``noise`` (N, D) standard normal.
+    Rows whose class has no code keep ``noise`` itself (prior sampling). All draws come from
+    ``generator`` (on the CPU), so the result depends only on its state.
+    """
+    codes, code_labels = bank
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    picks = torch.rand(len(labels), 3, generator=generator, device=gen_device).cpu()  # (N, 3): first, second, t
+    z = noise.clone()
+    for label in labels.unique().tolist():
+        rows = torch.nonzero(labels == label).flatten()
+        members = torch.nonzero(code_labels == label).flatten()
+        if len(members) == 0:
+            continue
+        first = members[(picks[rows, 0] * len(members)).long().clamp_max(len(members) - 1)]
+        second = members[(picks[rows, 1] * len(members)).long().clamp_max(len(members) - 1)]
+        t = picks[rows, 2:3]
+        z[rows] = (1 - t) * codes[first] + t * codes[second] + latent_noise * noise[rows]
+    return z
 
 
 # ------------------------------------------------------------------ building and I/O
@@ -133,6 +180,7 @@ def generator_payload(model: ConditionalGenerator, train_config: dict | None = N
         "model_config": config,
         "network": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
         "discriminator": None if model.discriminator is None else {k: v.detach().cpu() for k, v in model.discriminator.state_dict().items()},
+        "latent_bank": None if model.latent_bank is None else {"codes": model.latent_bank[0].cpu(), "labels": model.latent_bank[1].cpu()},
         "step": int(model.step),
         "train_config": train_config or {},
     }
@@ -160,4 +208,6 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Cond
     model.network.load_state_dict(payload["network"])
     if model.discriminator is not None:
         model.discriminator.load_state_dict(payload["discriminator"])
+    bank = payload.get("latent_bank")
+    model.latent_bank = None if bank is None else (bank["codes"].float(), bank["labels"].long())
     return model.to(device)

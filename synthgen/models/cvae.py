@@ -117,6 +117,16 @@ def train_step(
 
 
 @torch.no_grad()
+def encode_means(model: CVAE, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Posterior means (N, latent_dim) of (N, C, H, W) images: the latent bank that ``interpolate`` sampling uses."""
+    was_training = model.training
+    model.eval()
+    codes = [model.encoder(images[i : i + batch_size], labels[i : i + batch_size])[0].float() for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(codes) if codes else images.new_zeros(0, model.config.latent_dim)
+
+
+@torch.no_grad()
 def validation_loss(model: CVAE, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Negative ELBO (KL weight 1) of held-out real images, using the posterior means."""
     model.eval()
