@@ -19,7 +19,7 @@ training images of the requested class from the latent bank, takes z on the segm
 their codes (t ~ U(0, 1)) and adds ``latent_noise`` x N(0, I): samples stay on the region of
 latent space that real images occupy instead of the prior's holes, which on scarce data made the
 synthetic set far more useful downstream (MNIST 10/class: -2.7 -> -0.3 points vs classical
-augmentation, see README). Classes without codes in the bank fall back to the prior.
+augmentation, see README). Classes with fewer than two codes in the bank fall back to the prior.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from synthgen.io import atomic_write_bytes
 from synthgen.models import cgan, cvae
 
 FORMAT = "synthgen-generator/1"
+MIN_CODES_TO_INTERPOLATE = 2  # one code gives only near-copies of its image (MNIST long tail: every candidate rejected)
 MODEL_KINDS = ("cgan", "cvae")
 
 
@@ -125,7 +126,8 @@ def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Ten
     """Latents between two random bank codes of each row's class, plus ``latent_noise`` x ``noise``.
 
     ``bank`` = (codes (M, D), code labels (M,)); ``labels`` (N,); ``noise`` (N, D) standard normal.
-    Rows whose class has no code keep ``noise`` itself (prior sampling). All draws come from
+    Rows whose class has fewer than ``MIN_CODES_TO_INTERPOLATE`` codes keep ``noise`` itself (prior
+    sampling): around a single code the decoder reproduces that one image. All draws come from
     ``generator`` (on the CPU), so the result depends only on its state.
     """
     codes, code_labels = bank
@@ -135,7 +137,7 @@ def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Ten
     for label in labels.unique().tolist():
         rows = torch.nonzero(labels == label).flatten()
         members = torch.nonzero(code_labels == label).flatten()
-        if len(members) == 0:
+        if len(members) < MIN_CODES_TO_INTERPOLATE:
             continue
         first = members[(picks[rows, 0] * len(members)).long().clamp_max(len(members) - 1)]
         second = members[(picks[rows, 1] * len(members)).long().clamp_max(len(members) - 1)]
