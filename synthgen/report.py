@@ -107,6 +107,7 @@ def quality_rows(quality: dict | None, class_names: list[str]) -> list[dict]:
 def render_markdown(metrics: dict, card: dict) -> str:
     """The whole REPORT.md. ``card``: class_names, meta, generator, filter_summary, params, figures."""
     class_names = list(card["class_names"])
+    generate_params = (card.get("params") or {}).get("generate") or {}
     gains_rows, per_class_rows = summary_tables(metrics, class_names)
     gain = metrics.get("gain")
     quality = metrics.get("quality")
@@ -131,7 +132,9 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "## Generator",
         "",
         f"Model `{generator.get('model')}`, checkpoint `{generator.get('path')}`, sha256 `{generator.get('sha256')}`, "
-        f"{generator.get('steps')} steps.",
+        f"{generator.get('steps')} steps. Sampling: `generate.latent={generate_params.get('latent')}` "
+        f"(auto: between encoded training images of the class for the cVAE, prior draws for the cGAN), "
+        f"`latent_noise={generate_params.get('latent_noise')}`.",
         "",
         "## Filtering",
         "",
