@@ -4,7 +4,7 @@
 model = load_generator("models/cgan/generator.pt", device)   # or build_generator("cvae", 10, (1, 8, 8))
 model.n_classes, model.image_shape                             # image_shape = (C, H, W)
 images = model.sample(class_labels, generator)                 # (N, C, H, W) float32 in [-1, 1]
-images = model.sample(class_labels, generator, latent="interpolate", latent_noise=0.5)  # cVAE: between real codes
+images = model.sample(class_labels, generator, latent="interpolate", latent_noise=1.0)  # cVAE: between real codes
 model.has_discriminator                                        # True for the cGAN
 scores = model.discriminator_score(images, class_labels)       # (N,), higher = more real
 ```
@@ -87,7 +87,7 @@ class ConditionalGenerator:
 
     @torch.inference_mode()
     def sample(self, class_labels: torch.Tensor, generator: torch.Generator | None = None,
-               latent: str = "prior", latent_noise: float = 0.5) -> torch.Tensor:
+               latent: str = "prior", latent_noise: float = 1.0) -> torch.Tensor:
         """(N,) class ids -> (N, C, H, W) float32 images in [-1, 1]. Noise is drawn from ``generator``
         on its own device (a CPU generator gives the same noise on every device). ``latent``:
         ``prior`` or ``interpolate`` (module docstring)."""
