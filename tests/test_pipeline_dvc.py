@@ -105,7 +105,8 @@ def test_dvc_yaml_declares_the_flow_stages_with_only_their_params():
     assert tuple(spec["stages"]) == STAGES
     params = {name: stage.get("params", []) for name, stage in spec["stages"].items()}
     assert params["prepare"] == ["data"] and params["train"] == ["train"] and params["generate"] == ["generate"]
-    assert params["evaluate"][0] == "evaluate" and params["report"] == ["filter"]
+    # REPORT.md quotes the filter params and the sampling mode, nothing else
+    assert params["evaluate"][0] == "evaluate" and params["report"] == ["filter", "generate.latent", "generate.latent_noise"]
     # a filter threshold change must not re-generate, and where generation runs must not re-filter
     assert "filter" in params["filter"] and "generate" not in params["filter"]
     assert {"generate.executor", "generate.workers"}.isdisjoint(params["filter"])
