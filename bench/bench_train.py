@@ -35,7 +35,7 @@ from synthgen import generate
 from synthgen import train as train_stage
 from synthgen.config import load_config
 from synthgen.data import load_prepared, to_uint8
-from synthgen.models import load_generator
+from synthgen.models import DEFAULT_LATENT_NOISE, load_generator
 from synthgen.models.classifier import CNNClassifier
 
 
@@ -44,7 +44,7 @@ def mean_pairwise(features: np.ndarray) -> float:
 
 
 def score_generator(generator, real_x: np.ndarray, real_y: np.ndarray, n_per_class: int, classifier: CNNClassifier, seed: int = 0,
-                    latent: str = "prior", latent_noise: float = 0.5) -> dict:
+                    latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE) -> dict:
     """CAS-style accuracy and per-class feature-space diversity ratio of ``generator``'s samples."""
     labels = torch.arange(generator.n_classes).repeat_interleave(n_per_class)
     samples = to_uint8(generator.sample(labels, torch.Generator().manual_seed(seed), latent=latent, latent_noise=latent_noise))

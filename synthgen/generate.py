@@ -29,6 +29,7 @@ from synthgen.data import DataError, LabeledImages, load_prepared, to_uint8
 from synthgen.device import autocast, resolve_device
 from synthgen.executor import map_shards
 from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
+from synthgen.models import DEFAULT_LATENT_NOISE
 
 SUMMARY_NAME = "generate_summary.json"
 
@@ -82,7 +83,7 @@ class ShardSpec:
     device: str
     out_path: str | None = None  # write the shard here and return a summary; None returns arrays
     latent: str = "prior"  # "prior" or "interpolate" (resolved from generate.latent, see resolve_latent)
-    latent_noise: float = 1.0
+    latent_noise: float = DEFAULT_LATENT_NOISE
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -101,7 +102,7 @@ def resolve_latent(mode: str, model) -> str:
 
 
 def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, seed: int, device: torch.device,
-                   latent: str = "prior", latent_noise: float = 1.0) -> np.ndarray:
+                   latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE) -> np.ndarray:
     """Sample ``labels`` (ids ``first_id...``) batch by batch; returns uint8 (n, H, W, C)."""
     if first_id % batch_size:
         raise ValueError(f"first_id {first_id} is not a multiple of batch_size {batch_size}")

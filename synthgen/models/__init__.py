@@ -36,6 +36,7 @@ from synthgen.io import atomic_write_bytes
 from synthgen.models import cgan, cvae
 
 FORMAT = "synthgen-generator/1"
+DEFAULT_LATENT_NOISE = 1.0  # the generate.latent_noise default (config.py), for callers outside the pipeline
 MIN_CODES_TO_INTERPOLATE = 2  # one code gives only near-copies of its image (MNIST long tail: every candidate rejected)
 MODEL_KINDS = ("cgan", "cvae")
 
@@ -87,7 +88,7 @@ class ConditionalGenerator:
 
     @torch.inference_mode()
     def sample(self, class_labels: torch.Tensor, generator: torch.Generator | None = None,
-               latent: str = "prior", latent_noise: float = 1.0) -> torch.Tensor:
+               latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE) -> torch.Tensor:
         """(N,) class ids -> (N, C, H, W) float32 images in [-1, 1]. Noise is drawn from ``generator``
         on its own device (a CPU generator gives the same noise on every device). ``latent``:
         ``prior`` or ``interpolate`` (module docstring)."""
