@@ -99,15 +99,19 @@ def flops_per_sample(model_path: Path, classifier, image_shape) -> dict[str, flo
     labels = torch.zeros(n, dtype=torch.long)
     model = load_generator(model_path, "cpu")
     _fold_parametrizations(model.network)
-    _fold_parametrizations(model.discriminator)
+    if model.has_discriminator:
+        _fold_parametrizations(model.discriminator)
     counts = {}
     with torch.inference_mode():
         for name, fn in {
             "G": lambda: model.sample(labels, torch.Generator().manual_seed(0)),  # the fused network sampling runs
             "G as trained": lambda: model.network(torch.randn(n, model.latent_dim), labels),  # BN + upsample + 3x3 conv
-            "D": lambda: model.discriminator_score(torch.zeros(n, *image_shape), labels),
+            "D": (lambda: model.discriminator_score(torch.zeros(n, *image_shape), labels)) if model.has_discriminator else None,
             "classifier": lambda: classifier.model_(torch.zeros(n, *image_shape, device=next(classifier.model_.parameters()).device)),
         }.items():
+            if fn is None:  # a cVAE has no discriminator
+                counts[name] = 0.0
+                continue
             with FlopCounterMode(display=False) as counter:
                 fn()
             counts[name] = counter.get_total_flops() / n
@@ -168,13 +172,15 @@ def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, devi
     model = load_generator(model_path, device)
     filters, fit_s = timed(flt.fit_filters, FilterConfig(classifier_steps=CLASSIFIER_STEPS), prepared, model, device)
     labels = np.repeat(np.arange(prepared.n_classes), n_samples // prepared.n_classes)
-    warm = generate.sample_batches(model, labels[:batch_size], 0, batch_size, 0, device)  # kernels picked, memory pooled
-    for name in flt.FILTERS:
+    latent = generate.resolve_latent("auto", model)  # as `synthgen generate` samples: interpolation for a cVAE
+    active = [name for name in flt.FILTERS if filters.get(name) is not None]  # a cVAE has no discriminator filter
+    warm = generate.sample_batches(model, labels[:batch_size], 0, batch_size, 0, device, latent)  # kernels picked, memory pooled
+    for name in active:
         filters[name].score(warm, labels[:batch_size])
     rows = []
-    x, seconds = median_timed(generate.sample_batches, model, labels, 0, batch_size, 0, device)
-    rows.append((f"generate (batch {batch_size})", seconds))
-    for name in flt.FILTERS:
+    x, seconds = median_timed(generate.sample_batches, model, labels, 0, batch_size, 0, device, latent)
+    rows.append((f"generate (batch {batch_size}, {latent})", seconds))
+    for name in active:
         _, seconds = median_timed(filters[name].score, x, labels)
         rows.append((f"filter {name}", seconds))
 
@@ -218,7 +224,7 @@ def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, devi
                              capture_output=True, text=True, check=True)
         print(f"{n:>7} requested: {float(out.stdout.split()[-1]):,.0f} MiB")
 
-    pool = generate.sample_batches(model, np.repeat(np.arange(prepared.n_classes), 200), 0, batch_size, 0, device)
+    pool = generate.sample_batches(model, np.repeat(np.arange(prepared.n_classes), 200), 0, batch_size, 0, device, latent)
     pool_y = np.repeat(np.arange(prepared.n_classes), 200)
     scores = pd.DataFrame(flt.score_candidates(pool, pool_y, filters)).assign(label=pool_y)
     acceptance = scores.groupby("label")[[f"pass_{n}" for n in flt.FILTERS]].mean()
