@@ -1,7 +1,7 @@
 """Benchmark of generation + filtering + PNG writing at MNIST size (28x28), printed as tables.
 
     nice -n 5 .venv/bin/python bench/bench_generate.py [PREPARED_DIR] [GENERATOR_PT] [--device cuda]
-        [--samples N] [--batch-size B]
+        [--samples N] [--batch-size B] [--work-dir DIR]
 
 PREPARED_DIR defaults to an MNIST 20-per-class split drawn here from ../shared/data/mnist-t10k;
 GENERATOR_PT defaults to models/cgan/generator.pt when it exists, else an untrained default-size
@@ -151,8 +151,8 @@ def rss_child(n_samples: int, model_path: str, prepared_dir: str, device: str) -
 
 
 def main(prepared_dir: Path | None = None, model_path: Path | None = None, device: str = "cpu",
-         n_samples: int = N_FAST, batch_size: int = 1024) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench_generate.") as tmp:
+         n_samples: int = N_FAST, batch_size: int = 1024, work_dir: Path | None = None) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_generate.", dir=work_dir) as tmp:
         run_all(Path(tmp), prepared_dir, model_path, torch.device(device), n_samples, batch_size)
 
 
@@ -252,5 +252,7 @@ if __name__ == "__main__":
         parser.add_argument("--device", default="cpu", help="cpu | cuda")
         parser.add_argument("--samples", type=int, default=N_FAST, help="samples in the throughput rows")
         parser.add_argument("--batch-size", type=int, default=1024)
+        parser.add_argument("--work-dir", type=Path, help="where the PNGs are written (default: the system temp dir); "
+                            "PNG rows measure this disk as much as the encoder")
         args = parser.parse_args()
-        main(args.prepared_dir, args.model_path, args.device, args.samples, args.batch_size)
+        main(args.prepared_dir, args.model_path, args.device, args.samples, args.batch_size, args.work_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from synthgen.device import inference_rows
 from synthgen.models import build_generator, load_generator, save_generator
 from synthgen.models import cgan, cvae, fused
 from synthgen.models.diffaugment import cutout, diff_augment, parse_policy, translation
@@ -171,8 +172,9 @@ def test_fused_generator_computes_the_training_generator(shape):
 
 
 def test_sampling_in_cpu_chunks_equals_one_pass():
-    model = build_generator("cgan", 3, (1, 8, 8), base_channels=4, latent_dim=8).fuse()
-    labels = torch.randint(0, 3, (300,))  # more rows than one CPU chunk (device.CPU_INFERENCE_ROWS)
+    model = build_generator("cgan", 3, (1, 28, 28), base_channels=4, latent_dim=8).fuse()
+    labels = torch.randint(0, 3, (300,))
+    assert inference_rows(torch.device("cpu"), 300, (28, 28)) < 300  # so this really runs in several chunks
     noise = torch.randn(300, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         one_pass = torch.tanh(model.sampler(noise, labels)).clamp(-1, 1)

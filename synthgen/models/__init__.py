@@ -119,7 +119,7 @@ class ConditionalGenerator:
             raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
         noise, labels = noise.to(device), labels.to(device)
         network = self.sampler if self.sampler is not None else self.network
-        rows = inference_rows(device, len(labels))
+        rows = inference_rows(device, len(labels), self.image_shape[1:])
         outputs = []
         for start in range(0, len(labels), rows):  # the noise is drawn above, so the chunking never changes a sample
             with autocast(device):
@@ -136,7 +136,7 @@ class ConditionalGenerator:
             raise ValueError(f"a {self.kind} has no discriminator; check has_discriminator first")
         device = self.device
         images, labels = images.to(device, torch.float32), torch.as_tensor(class_labels, dtype=torch.long).to(device)
-        rows = inference_rows(device, len(labels))
+        rows = inference_rows(device, len(labels), tuple(images.shape[2:]))
         scores = []
         for start in range(0, len(labels), rows):
             with autocast(device):

@@ -208,7 +208,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     @torch.inference_mode()
     def _map(self, X: np.ndarray, fn, batch_size: int = 2048) -> np.ndarray:
         X = self._check_input(X)
-        batch_size = inference_rows(self.device_, batch_size)
+        batch_size = inference_rows(self.device_, batch_size, self.image_shape_[:2])
         outputs = []
         for start in range(0, len(X), batch_size):
             inputs = to_tensor(X[start : start + batch_size], self.device_)
