@@ -119,15 +119,15 @@ class ConditionalGenerator:
             raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
         noise, labels = noise.to(device), labels.to(device)
         network = self.sampler if self.sampler is not None else self.network
-        rows = inference_rows(device, len(labels), self.image_shape[1:])
-        outputs = []
-        for start in range(0, len(labels), rows):  # the noise is drawn above, so the chunking never changes a sample
+
+        def decode(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(device):
-                raw = network(noise[start : start + rows], labels[start : start + rows])
-            outputs.append(self._activation(raw.float()).clamp(-1.0, 1.0))
-        if not outputs:
-            return torch.zeros(0, *self.image_shape, device=device)
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+                raw = network(z, y)
+            return self._activation(raw.float()).clamp(-1.0, 1.0)
+
+        # the noise is drawn above, so the chunking never changes a sample
+        images = _map_rows(decode, inference_rows(device, len(labels), self.image_shape[1:]), noise, labels)
+        return images if images is not None else torch.zeros(0, *self.image_shape, device=device)
 
     @torch.inference_mode()
     def discriminator_score(self, images: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
@@ -136,12 +136,20 @@ class ConditionalGenerator:
             raise ValueError(f"a {self.kind} has no discriminator; check has_discriminator first")
         device = self.device
         images, labels = images.to(device, torch.float32), torch.as_tensor(class_labels, dtype=torch.long).to(device)
-        rows = inference_rows(device, len(labels), tuple(images.shape[2:]))
-        scores = []
-        for start in range(0, len(labels), rows):
+
+        def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(device):
-                scores.append(self.discriminator(images[start : start + rows], labels[start : start + rows]).float())
-        return torch.cat(scores) if scores else torch.zeros(0, device=device)
+                return self.discriminator(x, y).float()
+
+        scores = _map_rows(score, inference_rows(device, len(labels), tuple(images.shape[2:])), images, labels)
+        return scores if scores is not None else torch.zeros(0, device=device)
+
+
+def _map_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor | None:
+    """``fn(*tensors)`` computed ``rows`` rows at a time, results concatenated; None when there are no rows."""
+    if len(tensors[0]) == 0:  # the networks cannot reshape an empty batch
+        return None
+    return torch.cat([fn(*(t[start : start + rows] for t in tensors)) for start in range(0, len(tensors[0]), rows)])
 
 
 def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, noise: torch.Tensor,
