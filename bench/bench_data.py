@@ -20,7 +20,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from synthgen import data
+from synthgen import prepare
+from synthgen.sources import load_source
 from synthgen.config import Config, DataConfig
 from synthgen.sources import load_image_folder
 
@@ -55,9 +56,9 @@ def main(
 ) -> None:
     rows: list = []
     source = str(mnist) if mnist.exists() else "digits"
-    images = _timed(rows, f"load_source({Path(source).name})", None, lambda: data.load_source(source))
+    images = _timed(rows, f"load_source({Path(source).name})", None, lambda: load_source(source))
     config = DataConfig(source=source, per_class=20, val_per_class=10)
-    _timed(rows, "make_splits (per_class=20)", len(images.y), lambda: data.make_splits(images, config))
+    _timed(rows, "make_splits (per_class=20)", len(images.y), lambda: prepare.make_splits(images, config))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "folder"
         n_files = min(n_files, len(images.y))
@@ -66,7 +67,7 @@ def main(
         _timed(rows, "load_image_folder, image_size=32", None, lambda: load_image_folder(root, 32, progress=False))
         prepare = Config(data=config)
         _timed(rows, "prepare main (load+split+write)", len(images.y),
-               lambda: data.main(prepare, Path(tmp) / "prepared", progress=False))
+               lambda: prepare.main(prepare, Path(tmp) / "prepared", progress=False))
     table = Table(title=f"data layer benchmark ({source})")
     for column in ("operation", "images", "seconds", "images/s", "peak RSS MiB"):
         table.add_column(column, justify="right" if column != "operation" else "left")

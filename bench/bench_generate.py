@@ -34,7 +34,8 @@ from PIL import Image
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from synthgen import data, filter as flt, generate
+from synthgen import filter as flt, generate, prepare
+from synthgen.tensors import to_uint8
 from synthgen.config import FilterConfig, GenerateConfig, load_config
 from synthgen.filter_outputs import save_png
 from synthgen.models import build_generator, load_generator, save_generator
@@ -126,7 +127,7 @@ def textbook(model, filters, labels, out_dir: Path, device: torch.device) -> flo
     images = []
     for first in range(0, len(labels), 64):
         batch = model.sample(torch.as_tensor(labels[first : first + 64], device=device), torch.Generator().manual_seed(first))
-        images.append(data.to_uint8(batch))
+        images.append(to_uint8(batch))
     x = np.concatenate(images)
     for i in range(len(x)):
         one_x, one_y = x[i : i + 1], labels[i : i + 1]
@@ -160,7 +161,7 @@ def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, devi
     if prepared_dir is None:
         config = load_config(None, [f"data.source={MNIST}", "data.per_class=20", "data.val_per_class=10", "data.test_per_class=10"])
         prepared_dir = work / "prepared"
-        data.main(config, prepared_dir, progress=False)
+        prepare.main(config, prepared_dir, progress=False)
     prepared = data.load_prepared(prepared_dir)
     image_shape = (prepared.image_shape[2], *prepared.image_shape[:2])
     if model_path is None:

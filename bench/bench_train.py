@@ -30,11 +30,12 @@ from rich.console import Console
 from rich.table import Table
 from scipy.spatial.distance import pdist
 
-from synthgen import data as data_stage
+from synthgen import prepare as data_stage
 from synthgen import generate
 from synthgen import train as train_stage
 from synthgen.config import load_config
-from synthgen.data import load_prepared, to_uint8
+from synthgen.data import load_prepared
+from synthgen.tensors import to_uint8
 from synthgen.models import DEFAULT_LATENT_NOISE, load_generator
 from synthgen.models.classifier import CNNClassifier
 

@@ -75,10 +75,10 @@ def prepare(
     Reads: params `data.*` and the source dataset. Writes: OUT/{train,val,test}.npz,
     OUT/meta.json (class names, per-split per-class counts) and OUT/summary.json.
     """
-    from synthgen import data
+    from synthgen import prepare as prepare_stage
 
     # _config inside _run: a bad params file or --set is a user error too (exit 2, no traceback)
-    _run(lambda: data.main(_config(params, set_), out))
+    _run(lambda: prepare_stage.main(_config(params, set_), out))
 
 
 @app.command()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -43,13 +43,20 @@ class DataConfig(Section):
         description="'digits' (built-in), an ImageFolder directory, an .npz file, or a directory of IDX files.",
     )
     test_source: str | None = Field(
-        None, description="Optional separate test set (same formats); then splits come from `source` alone."
+        None, description="Optional separate test set (same formats and classes); then train comes from `source` alone."
+    )
+    val_source: str | None = Field(
+        None, description="Optional separate labeled validation set (same classes): calibrates the filters and early "
+        "stopping without taking images from training."
     )
     per_class: int | None = Field(
         20, ge=1, description="Scarce training images per class (null: long_tail, or every remaining image if both null)."
     )
     long_tail: LongTail | None = Field(None, description="Long-tailed scarce split instead of per_class.")
-    val_per_class: int = Field(10, ge=1, description="Held-out real validation images per class (filters, early stopping).")
+    val_per_class: int = Field(
+        0, ge=0, description="Images per class held out of training to calibrate the filters and stop early. 0 (or null): "
+        "every labeled image trains, and the filters calibrate by cross-fitting on the training images instead."
+    )
     test_per_class: int | None = Field(
         None, ge=1, description="Test images per class; null takes all that remain (or all of test_source)."
         " Needed without test_source when per_class and long_tail are both null."
@@ -59,10 +66,17 @@ class DataConfig(Section):
     )
     seed: int = Field(0, description="Seed of the split draw.")
 
+    @field_validator("val_per_class", mode="before")
+    @classmethod
+    def _null_is_zero(cls, value):
+        return 0 if value is None else value
+
     @model_validator(mode="after")
     def _one_split_rule(self) -> "DataConfig":
         if self.per_class is not None and self.long_tail is not None:
             raise ValueError("data.per_class and data.long_tail are exclusive: set one of them to null")
+        if self.val_source is not None and self.val_per_class:
+            raise ValueError("data.val_source and data.val_per_class are exclusive: set val_per_class to 0")
         return self
 
 
@@ -159,6 +173,10 @@ class FilterConfig(Section):
     )
     classifier_quantile: float = Field(0.1, ge=0, le=1, description="Quantile of real-val confidences for per-class calibration.")
     classifier_steps: int = Field(300, ge=1, description="Training steps of the real-data filter classifier (train split only).")
+    calibration_folds: int = Field(
+        3, ge=0, description="Without held-out images: cross-fitted folds whose out-of-fold probabilities calibrate "
+        "the classifier threshold per class (0 or 1: no calibration, the global threshold)."
+    )
     novelty: bool = Field(True, description="Reject near-copies of training images.")
     novelty_threshold: float = Field(
         0.1, ge=0, description="Reject if NN distance < this x median real NN distance of the class. Higher values "
@@ -174,15 +192,35 @@ class FilterConfig(Section):
 
 
 # ----------------------------------------------------------------------- evaluate
+RECIPE_NAMES = (
+    "real", "real+classic", "real+oversample+classic", "real+logit_adjust", "real+logit_adjust+classic", "real+mixup+classic",
+)
+
+
 class EvaluateConfig(Section):
-    """Downstream utility harness (stage `evaluate`)."""
+    """Downstream utility harness (stage `evaluate`): the best non-generative recipe, with and without synthgen."""
 
     classifier: Literal["small_cnn"] = Field("small_cnn", description="Fixed downstream classifier (not tuned per run).")
-    width: int = Field(32, ge=4, description="Classifier width (same for every arm).")
+    width: int = Field(16, ge=4, description="Classifier width (same for every arm).")
     lr: float = Field(2e-3, gt=0, description="Classifier peak learning rate (same for every arm).")
     seeds: int = Field(5, ge=2, description="Classifier seeds per arm (paired across arms).")
     seed: int = Field(0, description="First classifier seed; seeds are seed, seed+1, ...")
-    steps: int = Field(200, ge=1, description="Identical optimiser-step budget for every arm.")
+    steps: int | Literal["auto"] = Field(
+        "auto", description="Optimiser steps of every arm; auto: doubled from min_steps while the out-of-fold "
+        "balanced accuracy of real+classic on the training images still improves by more than budget_tolerance."
+    )
+    min_steps: int = Field(250, ge=1, description="First budget tried by steps: auto.")
+    max_steps: int = Field(2000, ge=1, description="Largest budget steps: auto may choose.")
+    budget_tolerance: float = Field(0.005, ge=0, description="Out-of-fold gain below which doubling the budget stops.")
+    selection_folds: int = Field(2, ge=2, description="Stratified folds of the training images for budget and recipe selection.")
+    recipes: tuple[Literal[RECIPE_NAMES], ...] = Field(  # type: ignore[valid-type]
+        RECIPE_NAMES, min_length=1, description="Non-generative recipes competing for the best baseline."
+    )
+    test_every_recipe: bool = Field(
+        True, description="Score every recipe on test too (one row each); false scores only the selected one (faster)."
+    )
+    logit_adjust_tau: float = Field(1.0, ge=0, description="Temperature of the logit-adjusted loss (1: Balanced Softmax).")
+    mixup_alpha: float = Field(0.2, gt=0, description="Beta(alpha, alpha) mixing weights of the mixup recipe.")
     batch_size: int = Field(64, ge=1)
     synthetic_weight: float = Field(1.0, ge=0, description="Loss weight of synthetic samples (real = 1).")
     synthetic_per_class: int | None = Field(None, ge=0, description="Cap on synthetic samples used per class (null: all accepted).")
@@ -192,6 +230,12 @@ class EvaluateConfig(Section):
     quality: bool = Field(True, description="Also compute generator quality (CAS, Frechet distance, precision/recall, near-copies).")
     quality_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+
+    @model_validator(mode="after")
+    def _budget_range(self) -> "EvaluateConfig":
+        if self.min_steps > self.max_steps:
+            raise ValueError("evaluate.min_steps must not exceed evaluate.max_steps")
+        return self
 
 
 class Config(Section):

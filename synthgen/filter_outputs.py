@@ -28,12 +28,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
-from synthgen.data import DataError, LabeledImages, to_tensor
-from synthgen.generate import read_shard, shard_paths
+from synthgen.artifacts import FILTER_SUMMARY, load_accepted, read_shard, shard_paths
+from synthgen.filters import FILTERS, SCORE_COLUMNS
+from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, encode_png, read_json, save_npz, write_json
 
 OUTPUT_NAMES = ("accepted", "accepted-shards", "manifest.csv", "figures")
-SUMMARY_NAME = "filter_summary.json"
+SUMMARY_NAME = FILTER_SUMMARY
 MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", "d_score", "classifier_prob", "nn_distance", "accepted", "rejected_by"]
 GRID_PER_CLASS = 8
 STAGING_PREFIX = ".filter-staging-"
@@ -117,8 +118,6 @@ def _grid_figure(examples: dict, n_classes: int, image_shape, path: Path) -> Non
 
 def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Path) -> None:
     """One panel per active filter: candidate scores, each class's threshold drawn as a vertical line."""
-    from synthgen.filter import FILTERS, SCORE_COLUMNS
-
     active = [name for name in FILTERS if filters.get(name) is not None]
     figure = Figure(figsize=(4.5 * max(len(active), 1), 3.2))
     for position, name in enumerate(active):
@@ -161,29 +160,6 @@ def commit(work_dir: Path, synthetic_root: str | Path) -> None:
         os.replace(work_dir / SUMMARY_NAME, root / SUMMARY_NAME)
     finally:
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def load_accepted(synthetic_root: str | Path) -> LabeledImages:
-    """The committed accepted set from its npz shards (``index`` = sample_id)."""
-    root = Path(synthetic_root)
-    summary_path = root / SUMMARY_NAME
-    if not summary_path.is_file():
-        raise DataError(f"{summary_path} not found: `synthgen filter` has not completed for {root}")
-    summary = read_json(summary_path)
-    shards = [read_shard(path) for path in shard_paths(root / "accepted-shards")]
-    height, width, channels = summary["image_shape"]
-    x = np.concatenate([s["x"] for s in shards]) if shards else np.zeros((0, height, width, channels), np.uint8)
-    y = np.concatenate([s["y"] for s in shards]) if shards else np.zeros(0, np.int64)
-    ids = np.concatenate([s["sample_id"] for s in shards]) if shards else np.zeros(0, np.int64)
-    if len(y) != summary["accepted"]:
-        raise DataError(f"{root / 'accepted-shards'} holds {len(y)} samples but {summary_path} says {summary['accepted']}")
-    return LabeledImages(x, y.astype(np.int64), tuple(summary["class_names"]), ids)
-
-
-def load_manifest(synthetic_root: str | Path) -> pd.DataFrame:
-    """manifest.csv with ``rejected_by`` = '' for accepted rows (CSV reads empty cells as NaN)."""
-    manifest = pd.read_csv(Path(synthetic_root) / "manifest.csv")
-    return manifest.assign(rejected_by=manifest["rejected_by"].fillna(""))
 
 
 def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:

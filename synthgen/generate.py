@@ -25,13 +25,15 @@ import pandas as pd
 import torch
 
 from synthgen.config import Config, GenerateConfig
-from synthgen.data import DataError, LabeledImages, load_prepared, to_uint8
+from synthgen.artifacts import POOL_SUMMARY
+from synthgen.data import DataError, load_prepared
 from synthgen.device import autocast, resolve_device
 from synthgen.executor import map_shards
 from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
 from synthgen.models import DEFAULT_LATENT_NOISE
+from synthgen.tensors import to_uint8
 
-SUMMARY_NAME = "generate_summary.json"
+SUMMARY_NAME = POOL_SUMMARY
 
 
 # ------------------------------------------------------------------------ quotas
@@ -169,31 +171,6 @@ def make_shard_specs(
 def next_batch_start(last_id: int, batch_size: int) -> int:
     """First batch-aligned sample id after ``last_id`` (fresh ids for a top-up round)."""
     return (last_id // batch_size + 1) * batch_size
-
-
-# -------------------------------------------------------------------- pool I/O
-def shard_paths(pool_dir: str | Path, prefix: str = "shard-") -> list[Path]:
-    return sorted(Path(pool_dir).glob(f"{prefix}*.npz"))
-
-
-def read_shard(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path) as arrays:
-        return {key: arrays[key] for key in ("x", "y", "sample_id")}
-
-
-def load_pool(pool_dir: str | Path) -> LabeledImages:
-    """The whole unfiltered candidate pool (``index`` = sample_id), e.g. for an unfiltered ablation arm."""
-    pool_dir = Path(pool_dir)
-    summary_path = pool_dir / SUMMARY_NAME
-    if not summary_path.is_file():
-        raise DataError(f"{summary_path} not found: run `synthgen generate` first")
-    class_names = tuple(read_json(summary_path)["class_names"])
-    shards = [read_shard(path) for path in shard_paths(pool_dir)]
-    if not shards:
-        raise DataError(f"{pool_dir} holds no shard-*.npz files")
-    return LabeledImages(
-        np.concatenate([s["x"] for s in shards]), np.concatenate([s["y"] for s in shards]), class_names, np.concatenate([s["sample_id"] for s in shards])
-    )
 
 
 def model_path_for(config: Config, models_root: str | Path) -> Path:

@@ -21,15 +21,11 @@ from scipy import linalg
 from synthgen.config import EvaluateConfig
 from synthgen.data import LabeledImages, PreparedData
 from synthgen.models.classifier import CNNClassifier
-from synthgen.evaluate import score
+from synthgen.filters import NoveltyFilter
+from synthgen.metrics import pairwise_distances, score
 
 
 # ------------------------------------------------------------------ distances
-def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distances (len(a), len(b)) between row vectors (float64 for stable small values)."""
-    return torch.cdist(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
-
-
 def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
     """Distance from each row to its k-th nearest other row (the k-NN manifold radius)."""
     distances = pairwise_distances(features, features)
@@ -59,7 +55,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     trace = np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(np.real(root))
-    return float(((mean_a - mean_b) ** 2).sum() + max(trace, 0.0))
+    return float(((mean_a - mean_b) ** 2).sum() + trace)  # not clamped: a negative value flags numerical failure
 
 
 def near_copy_mask(candidates: LabeledImages, prepared: PreparedData, threshold: float) -> np.ndarray:
@@ -68,25 +64,24 @@ def near_copy_mask(candidates: LabeledImages, prepared: PreparedData, threshold:
     A candidate is a near-copy when its pixel-L2 distance to the nearest real train image is below
     ``threshold`` x the median (real val -> train) nearest-neighbour distance of its class.
     """
-    from synthgen.filter import NoveltyFilter
-
-    novelty = NoveltyFilter(threshold=threshold).fit(prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y)
+    val = prepared.val if len(prepared.val.y) else None
+    novelty = NoveltyFilter(threshold=threshold).fit(prepared.train.x, prepared.train.y, *((val.x, val.y) if val else ()))
     return ~novelty.keep(candidates.x, candidates.y)
 
 
 # --------------------------------------------------------------------- metrics
-def feature_classifier(prepared: PreparedData, config: EvaluateConfig) -> CNNClassifier:
+def feature_classifier(prepared: PreparedData, config: EvaluateConfig, steps: int) -> CNNClassifier:
     """CNNClassifier on real train + val (never test): the feature space for FD and precision/recall."""
     x = np.concatenate([prepared.train.x, prepared.val.x])
     y = np.concatenate([prepared.train.y, prepared.val.y])
-    model = CNNClassifier(n_classes=prepared.n_classes, width=config.width, steps=config.steps, batch_size=config.batch_size,
+    model = CNNClassifier(n_classes=prepared.n_classes, width=config.width, steps=steps, batch_size=config.batch_size,
                           lr=config.lr, augment=True, allow_flips=config.allow_flips, device=config.device, random_state=config.seed)
     return model.fit(x, y)
 
 
-def classification_accuracy_score(synthetic: LabeledImages, test: LabeledImages, config: EvaluateConfig) -> dict:
+def classification_accuracy_score(synthetic: LabeledImages, test: LabeledImages, config: EvaluateConfig, steps: int) -> dict:
     """CAS: train on synthetic only, score on real test (accuracy, balanced accuracy, macro-F1)."""
-    model = CNNClassifier(n_classes=synthetic.n_classes, width=config.width, steps=config.steps, batch_size=config.batch_size,
+    model = CNNClassifier(n_classes=synthetic.n_classes, width=config.width, steps=steps, batch_size=config.batch_size,
                           lr=config.lr, device=config.device, random_state=config.seed).fit(synthetic.x, synthetic.y)
     result = score(test.y, model.predict(test.x), synthetic.n_classes)
     return {key: result[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
@@ -103,9 +98,10 @@ def feature_metrics(real: np.ndarray, real_y: np.ndarray, fake: np.ndarray, fake
     return {"frechet": frechet_distance(real, fake), "precision": precision, "recall": recall, "per_class": per_class}
 
 
-def generator_quality(prepared: PreparedData, synthetic: LabeledImages, config: EvaluateConfig, novelty_threshold: float) -> dict:
+def generator_quality(prepared: PreparedData, synthetic: LabeledImages, config: EvaluateConfig, novelty_threshold: float,
+                      steps: int) -> dict:
     """All generator-quality numbers for the accepted set (JSON-ready dict)."""
-    extractor = feature_classifier(prepared, config)
+    extractor = feature_classifier(prepared, config, steps)
     real_features, fake_features = extractor.transform(prepared.test.x), extractor.transform(synthetic.x)
     features = feature_metrics(real_features, prepared.test.y, fake_features, synthetic.y, prepared.n_classes, config.quality_k)
     copies = near_copy_mask(synthetic, prepared, novelty_threshold)
@@ -113,7 +109,7 @@ def generator_quality(prepared: PreparedData, synthetic: LabeledImages, config: 
         in_class = synthetic.y == row["class"]
         row["near_copy_fraction"] = float(copies[in_class].mean()) if in_class.any() else float("nan")
     return {
-        "cas": classification_accuracy_score(synthetic, prepared.test, config),
+        "cas": classification_accuracy_score(synthetic, prepared.test, config, steps),
         "frechet": features["frechet"],
         "precision": features["precision"],
         "recall": features["recall"],

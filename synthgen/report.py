@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from synthgen.config import Config, config_to_dict
-from synthgen.data import DataError, LabeledImages, load_prepared, to_tensor
+from synthgen.data import DataError, LabeledImages, load_prepared
+from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, read_json
 
 LIMITATIONS = (
-    "The best baseline and the best synthetic arm are picked by mean test balanced accuracy, so the "
-    "reported gain carries a small selection effect; the paired t-interval over classifier seeds "
-    "does not cover the randomness of the split, the generator or the filter.",
+    "The best recipe and the step budget are chosen by k-fold cross-validation on the real training "
+    "images, never on test; with few images per class that choice is noisy, and a recipe that scores "
+    "higher on test than the chosen one is shown in the table. The paired t-interval over classifier "
+    "seeds does not cover the randomness of the labeled images, the generator or the filter.",
     "Seeds vary only the downstream classifier (weights, batches, augmentation), not the scarce "
     "train split: a different draw of the few labeled images can change the conclusion.",
     "Frechet distance and precision/recall use the features of a small CNN trained on the same "
@@ -47,7 +49,7 @@ def _interval(stat: dict | None, signed: bool = False) -> str:
 def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """(gains rows, per-class recall rows) as lists of flat dicts (Prefect table artifacts, markdown).
 
-    Gains are paired per-seed differences in balanced accuracy vs the best baseline, in points.
+    Gains are paired per-seed differences in balanced accuracy vs the selected recipe, in points.
     """
     gains_rows = []
     for arm, stats in metrics["arms"].items():
@@ -58,7 +60,7 @@ def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple
             "accuracy %": _interval(stats["accuracy"]),
             "macro-F1 %": _interval(stats["macro_f1"]),
             "tail-class recall %": _interval(stats["tail_recall"]),
-            "gain vs best baseline (points)": "best baseline" if arm == metrics["best_baseline"] else _interval(gain, signed=True),
+            "gain vs selected recipe (points)": "selected recipe" if arm == metrics["best_baseline"] else _interval(gain, signed=True),
         })
     recall = metrics["per_class_recall"]
     n_classes = len(next(iter(recall.values())))
@@ -103,6 +105,17 @@ def quality_rows(quality: dict | None, class_names: list[str]) -> list[dict]:
     return rows
 
 
+def selection_text(metrics: dict) -> str:
+    """How the budget and the recipe were chosen, with the out-of-fold numbers."""
+    selection = metrics["selection"]
+    curve = ", ".join(f"{row['steps']}: {_pct(row['balanced_accuracy'])}%" for row in selection["budget_curve"])
+    scores = ", ".join(f"`{name}` {_pct(value)}%" for name, value in selection["recipe_scores"].items())
+    budget = (f"Budget: {selection['steps']} steps, where `real+classic` stopped improving in {selection['folds']}-fold "
+              f"cross-validation on the training images (out-of-fold balanced accuracy by steps: {curve})."
+              if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
+    return f"{budget} Recipes, out-of-fold balanced accuracy at that budget: {scores}; the best is the comparison."
+
+
 # -------------------------------------------------------------------- markdown
 def render_markdown(metrics: dict, card: dict) -> str:
     """The whole REPORT.md. ``card``: class_names, meta, generator, filter_summary, params, figures."""
@@ -118,9 +131,13 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "",
         f"**Verdict: {metrics['verdict']}** — {metrics['reason']}.",
         "",
-        f"Best baseline: `{metrics['best_baseline']}`; best synthetic arm: `{metrics['best_synthetic']}`; "
-        f"gain {_interval(gain, signed=True)} points balanced accuracy (paired over "
-        f"{metrics['evaluate']['seeds']} classifier seeds, {int(100 * metrics['evaluate']['confidence'])}% t-interval).",
+        f"The question: does adding the accepted synthetic set to the best recipe you could use without it "
+        f"(`{metrics['best_baseline']}`, chosen on your training images) make the classifier better? "
+        f"`{metrics['best_synthetic']}` against `{metrics['best_baseline']}`: {_interval(gain, signed=True)} points "
+        f"balanced accuracy (paired over {metrics['evaluate']['seeds']} classifier seeds, "
+        f"{int(100 * metrics['evaluate']['confidence'])}% t-interval).",
+        "",
+        selection_text(metrics),
         "",
         "## Source data",
         "",
@@ -138,7 +155,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "",
         "## Filtering",
         "",
-        "Thresholds and counts before/after filtering. Filter params: "
+        f"Thresholds calibrated on {card.get('calibration') or 'n/a'}. Counts before/after filtering. Filter params: "
         + ", ".join(f"`{k}={v}`" for k, v in ((card.get("params") or {}).get("filter") or {}).items()) + ".",
         "",
         markdown_table(filter_rows(card.get("filter_summary"))),
@@ -146,7 +163,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "## Downstream evaluation",
         "",
         f"Fixed classifier `{metrics['evaluate']['classifier']}` (width {metrics['evaluate']['width']}), identical budget for "
-        f"every arm: {metrics['evaluate']['steps']} steps, batch {metrics['evaluate']['batch_size']}, lr {metrics['evaluate']['lr']}; "
+        f"every arm: {metrics['selection']['steps']} steps, batch {metrics['evaluate']['batch_size']}, lr {metrics['evaluate']['lr']}; "
         f"synthetic loss weight {metrics['evaluate']['synthetic_weight']}. Train {metrics['counts']['train']} real images, "
         f"{metrics['counts']['synthetic']} synthetic; test {metrics['counts']['test']} real images. "
         f"Tail classes (fewest real images): {[class_names[c] for c in metrics['counts']['tail_classes']]}.",
@@ -198,7 +215,7 @@ def plot_gains(metrics: dict, path: Path) -> None:
     ax.barh(arms, means, xerr=[means - low, high - means], color=colors, capsize=4)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']} (points, 95% CI)")
+    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']} (selected recipe; points, 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -245,11 +262,8 @@ def save_sample_grid(images: LabeledImages, path: Path, per_class: int = 8) -> N
 
 # ------------------------------------------------------------------------- I/O
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def generator_card(models_root: Path, model: str) -> dict:
@@ -262,9 +276,9 @@ def generator_card(models_root: Path, model: str) -> dict:
 
 
 def main(config: Config, prepared_dir, models_root, synthetic_root, reports_dir) -> str:
-    """Read metrics.json and the earlier stages' summaries; write REPORT.md and figures/."""
+    """Read evaluate's details.json and the earlier stages' summaries; write REPORT.md and figures/."""
     reports_dir, synthetic_root = Path(reports_dir), Path(synthetic_root)
-    metrics_path = reports_dir / "metrics.json"
+    metrics_path = reports_dir / "evaluation" / "details.json"
     if not metrics_path.is_file():
         raise DataError(f"{metrics_path} not found: run `synthgen evaluate` first")
     metrics = read_json(metrics_path)
@@ -273,6 +287,7 @@ def main(config: Config, prepared_dir, models_root, synthetic_root, reports_dir)
     card = {
         "class_names": list(prepared.class_names),
         "meta": prepared.meta,
+        "calibration": (read_json(filter_summary_path).get("calibration") if filter_summary_path.is_file() else None),
         "generator": generator_card(Path(models_root), config.train.model),
         "filter_summary": read_json(filter_summary_path) if filter_summary_path.is_file() else None,
         "params": config_to_dict(config),
@@ -281,7 +296,7 @@ def main(config: Config, prepared_dir, models_root, synthetic_root, reports_dir)
         plot_gains(metrics, figures / "gain_per_arm.png")
         plot_per_class_recall(metrics, card["class_names"], figures / "per_class_recall.png")
         if filter_summary_path.is_file():
-            from synthgen.filter_outputs import load_accepted
+            from synthgen.artifacts import load_accepted
 
             save_sample_grid(load_accepted(synthetic_root), figures / "accepted_grid.png")
     text = render_markdown(metrics, card)

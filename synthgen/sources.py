@@ -4,10 +4,21 @@ Every loader returns a :class:`synthgen.data.LabeledImages` (uint8 (N, H, W, C),
 0..K-1, class names) or raises :class:`synthgen.data.DataError` naming the file, field or class at
 fault. :func:`load_source` dispatches on the ``data.source`` string; it is pure apart from reading
 the source (no writes, no globals).
+
+Colour in an ImageFolder. Users' folders mix modes (a few grey scans among colour photos, a PNG
+with transparency, a GIF with a palette). The networks need one channel count, so a folder is
+decoded to ONE mode: grey (C=1) when every image is grey, else RGB (C=3). Refusing mixed folders
+would make the user convert files by hand for no gain, and keeping only grey would throw colour
+away; converting grey to RGB loses nothing (R = G = B). What was changed is not silent: each kind
+of change becomes a line of ``LabeledImages.notes`` ("converted 3 grey images to RGB (e.g.
+cat/img7.png)", "dropped the alpha channel of 2 images ..."), which ``prepare`` prints and writes
+into ``meta.json`` and ``summary.json``. Palette images are decoded to RGB (or grey when their
+colours are all grey); an RGB file whose three channels are equal counts as grey.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import zipfile
 from pathlib import Path
@@ -20,6 +31,7 @@ from synthgen.data import DataError, LabeledImages
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa", "La")
 
 
 def load_source(source: str, image_size: int | None = None, progress: bool = False) -> LabeledImages:
@@ -54,7 +66,7 @@ def load_source(source: str, image_size: int | None = None, progress: bool = Fal
         else:
             raise DataError(f"{path}: unsupported data source (expected 'digits', a directory, an .npz or IDX file)")
     if image_size is not None and images.x.shape[1:3] != (image_size, image_size):
-        images = LabeledImages(resize_images(images.x, image_size), images.y, images.class_names, images.index)
+        images = dataclasses.replace(images, x=resize_images(images.x, image_size))
     if images.n_classes < 2:
         raise DataError(f"{source}: needs at least 2 classes, found only class {images.class_names!r}")
     return images
@@ -223,32 +235,46 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return [p.name for p in entries], files
 
 
-def _decode(path: Path) -> Image.Image:
-    """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey)."""
+def _decode(path: Path) -> tuple[Image.Image, bool]:
+    """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey).
+
+    Returns the image and whether the file had an alpha channel (or palette transparency), which is dropped.
+    """
     try:
         with Image.open(path) as image:
             image.load()
+            had_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
             if image.mode in _GREY_MODES:
-                return image.convert("L")
+                return image.convert("L"), had_alpha
             rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from None
     array = np.asarray(rgb)
     is_grey = np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
-    return rgb.convert("L") if is_grey else rgb
+    return (rgb.convert("L") if is_grey else rgb), had_alpha
+
+
+def _count_note(what: str, paths: list[Path], root: Path) -> list[str]:
+    """``["<what> (e.g. cat/img7.png)"]`` with ``{n}`` (and plural ``{s}``) filled in; nothing when ``paths`` is empty."""
+    if not paths:
+        return []
+    return [f"{what.format(n=len(paths), s='' if len(paths) == 1 else 's')} (e.g. {paths[0].relative_to(root).as_posix()})"]
 
 
 def load_image_folder(root: Path, image_size: int | None = None, progress: bool = True) -> LabeledImages:
     """Decode ``root/<class_name>/**/<file>`` with PIL (progress bar while decoding).
 
-    Colour: if any image is colour, all images become RGB (C=3), else grey 'L' (C=1); alpha is
-    dropped. A non-image or corrupt/truncated file, a class folder without images, or different
-    image sizes while ``image_size`` is null are DataErrors naming the file(s) or class.
+    Colour (module docstring): if any image is colour, all images become RGB (C=3) and the grey
+    ones are counted in a note; else all are grey 'L' (C=1). Alpha is dropped, with a note. A
+    non-image or corrupt/truncated file, a class folder without images, or different image sizes
+    while ``image_size`` is null are DataErrors naming the file(s) or class.
     """
     class_names, files = _list_image_folder(root)
-    decoded = []
+    decoded, with_alpha = [], []
     for path, _ in track(files, description=f"decoding {root}", disable=not progress, transient=True):
-        image = _decode(path)
+        image, had_alpha = _decode(path)
+        if had_alpha:
+            with_alpha.append(path)
         # resize as we go so only the small copies are held in memory
         decoded.append(image.resize((image_size, image_size), Image.Resampling.BILINEAR) if image_size else image)
     if image_size is None:
@@ -259,8 +285,12 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
                     f"{image.size[0]}x{image.size[1]}; set data.image_size to resize them"
                 )
     mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
+    grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
+    notes = _count_note("converted {n} grey image{s} to RGB", grey, root) + _count_note(
+        "dropped the alpha channel of {n} image{s}", with_alpha, root
+    )
     arrays = [np.asarray(image.convert(mode)) for image in decoded]
     x = np.stack(arrays)
     x = x[..., None] if x.ndim == 3 else x
     y = np.array([label for _, label in files], dtype=np.int64)
-    return LabeledImages(x, y, tuple(class_names), np.arange(len(y), dtype=np.int64))
+    return LabeledImages(x, y, tuple(class_names), np.arange(len(y), dtype=np.int64), tuple(notes))

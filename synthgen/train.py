@@ -35,7 +35,8 @@ from torchvision.utils import save_image
 
 from synthgen import models
 from synthgen.config import Config, TrainConfig, config_to_dict
-from synthgen.data import load_prepared, to_tensor
+from synthgen.data import load_prepared
+from synthgen.tensors import to_tensor
 from synthgen.device import resolve_device, seed_everything
 from synthgen.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from synthgen.models import cgan, cvae

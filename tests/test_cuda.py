@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from synthgen import artifacts
 from synthgen import evaluate, filter as flt, generate, train
 from synthgen.config import load_config
 from synthgen.models import load_generator
@@ -72,7 +73,7 @@ def test_every_stage_runs_on_cuda(tiny_prepared, tmp_path):
     train.main(config, tiny_prepared, models, tmp_path / "checkpoints")
     generate.main(config, tiny_prepared, models, pool)
     summary = flt.main(config, tiny_prepared, models, pool, synthetic)
-    accepted = flt.load_accepted(synthetic)
+    accepted = artifacts.load_accepted(synthetic)
     assert summary["accepted"] == len(accepted.y) > 0 and np.isin(accepted.y, np.arange(10)).all()
     metrics = evaluate.main(config, tiny_prepared, synthetic, pool, reports, progress=False)
     assert metrics["verdict"] in {"recommended", "not recommended"}

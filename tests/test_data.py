@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthgen import data
+from synthgen import data, prepare
 from synthgen.config import Config, ConfigError, DataConfig
-from synthgen.data import DataError, LabeledImages, load_source, make_splits
+from synthgen.data import DataError, LabeledImages
+from synthgen.prepare import make_splits
+from synthgen.sources import load_source
 from synthgen.io import read_json
 
 MNIST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -87,6 +89,40 @@ def test_image_folder_any_colour_makes_all_rgb(tmp_path):
     # grey images are replicated over R, G, B; the colour one keeps its channels
     assert np.array_equal(images.x[0, ..., 0], images.x[0, ..., 2])
     assert images.x[images.y == 1][-1, 0, 0].tolist() == [200, 0, 0]
+    assert images.notes == ("converted 4 grey images to RGB (e.g. cat/0.png)",)
+
+
+def test_image_folder_rgba_and_palette_images_join_rgb_with_notes(tmp_path):
+    grey_folder(tmp_path, per_class=1)
+    rgba = np.zeros((6, 5, 4), np.uint8)
+    rgba[..., 1], rgba[..., 3] = 90, 128
+    write_png(tmp_path / "dog" / "rgba.png", rgba)
+    colour = np.zeros((6, 5, 3), np.uint8)
+    colour[:, :2] = (200, 30, 0)
+    Image.fromarray(colour).convert("P").save(tmp_path / "cat" / "palette.png")
+    images = load_source(str(tmp_path))
+    assert images.image_shape == (6, 5, 3) and images.y.tolist() == [0, 0, 1, 1]
+    assert images.notes == (
+        "converted 2 grey images to RGB (e.g. cat/0.png)", "dropped the alpha channel of 1 image (e.g. dog/rgba.png)")
+    np.testing.assert_array_equal(images.x[1], np.asarray(Image.open(tmp_path / "cat" / "palette.png").convert("RGB")))
+    assert images.x[3, 0, 0].tolist() == [0, 90, 0]  # the colour of the RGBA image, alpha dropped
+
+
+def test_grey_only_folder_stays_one_channel_without_notes(tmp_path):
+    grey_folder(tmp_path, per_class=2)
+    images = load_source(str(tmp_path), image_size=8)
+    assert images.image_shape == (8, 8, 1) and images.notes == ()
+
+
+def test_grey_source_and_rgb_test_source_meet_in_rgb_with_a_note():
+    images = synthetic_images([6, 6])
+    test = synthetic_images([2, 2], seed=1)
+    test = LabeledImages(np.repeat(test.x, 3, axis=-1), test.y, test.class_names, test.index, ("a loader note",))
+    prepared = make_splits(images, split_config(val_per_class=0), test)
+    assert prepared.image_shape == (4, 4, 3) and prepared.test.x.shape[-1] == 3
+    np.testing.assert_array_equal(prepared.train.x[..., 2], images.x[prepared.train.index, ..., 0])
+    assert prepared.meta["notes"] == [
+        "data.source: converted its 12 grey images to RGB (another source is RGB)", "data.test_source: a loader note"]
 
 
 def test_image_folder_rgb_files_with_equal_channels_stay_grey(tmp_path):
@@ -136,7 +172,7 @@ def test_real_mnist_idx(mnist_dir):
     config = DataConfig(source=str(mnist_dir), per_class=None, long_tail={"max": 50, "ratio": 100}, test_per_class=800)
     prepared = make_splits(images, config)
     assert prepared.train.counts().tolist() == [50, 30, 18, 11, 6, 4, 2, 1, 1, 1]
-    assert prepared.val.counts().tolist() == [10] * 10 and prepared.test.counts().tolist() == [800] * 10
+    assert len(prepared.val.y) == 0 and prepared.test.counts().tolist() == [800] * 10  # default: nothing held out
 
 
 def test_resize_when_image_size_set(tmp_path):
@@ -351,7 +387,7 @@ def test_main_with_test_source_files(tmp_path):
     np.savez(tmp_path / "test.npz", x=rng.random((8, 5, 5)), y=np.repeat([4, 1], 4))
     config = Config(data=DataConfig(source=str(tmp_path / "train.npz"), test_source=str(tmp_path / "test.npz"),
                                     per_class=None, val_per_class=5, image_size=6))
-    prepared = data.main(config, tmp_path / "out", progress=False)
+    prepared = prepare.main(config, tmp_path / "out", progress=False)
     assert prepared.class_names == ("1", "4") and prepared.image_shape == (6, 6, 1)
     assert prepared.train.counts().tolist() == [10, 10] and prepared.test.counts().tolist() == [4, 4]
     # class "1" sits at positions 4..7 of the test file, class "4" at 0..3
@@ -363,11 +399,11 @@ def test_failed_main_writes_nothing(tmp_path):
     out_dir = tmp_path / "prepared"
     config = Config(data=DataConfig(source="digits", per_class=500))
     with pytest.raises(DataError, match="class '0'"):
-        data.main(config, out_dir, progress=False)
+        prepare.main(config, out_dir, progress=False)
     assert not out_dir.exists() and list(tmp_path.iterdir()) == []
     # a failed re-run leaves an earlier good output untouched
-    data.main(Config(data=DataConfig(per_class=2, val_per_class=1, test_per_class=1)), out_dir, progress=False)
+    prepare.main(Config(data=DataConfig(per_class=2, val_per_class=1, test_per_class=1)), out_dir, progress=False)
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
     with pytest.raises(DataError):
-        data.main(config, out_dir, progress=False)
+        prepare.main(config, out_dir, progress=False)
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before

@@ -1,37 +1,43 @@
-"""Tests of the downstream harness: budgets, test-split isolation, interval math, verdict."""
+"""Tests of the downstream harness: recipes, budget and recipe selection, test-split isolation, verdict."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
-from synthgen import evaluate
+from synthgen import evaluate, recipes
 from synthgen.config import Config, EvaluateConfig
-from synthgen.data import DataError, LabeledImages, load_prepared
+from synthgen.data import DataError, LabeledImages, PreparedData, load_prepared
 from synthgen.io import read_json
-from synthgen.models.classifier import CNNClassifier
+from synthgen.metrics import t_interval
+from synthgen.models.classifier import fit_members
 
 FAST = EvaluateConfig(steps=8, seeds=2, batch_size=16, width=8, device="cpu", quality=False)
 
 
-class RecordingClassifier(CNNClassifier):
-    """A real CNNClassifier that also records what it was fitted on and asked to predict."""
+class SpyFit:
+    """The real ``fit_members`` that also records what every model was fitted on and asked to predict."""
 
-    log: list = []
+    def __init__(self):
+        self.fits, self.predicts = [], []
 
-    def fit(self, X, y, sample_weight=None, soft_targets=None):
-        RecordingClassifier.log.append(("fit", self.get_params(), X, y))
-        return super().fit(X, y, sample_weight, soft_targets)
+    def __call__(self, X, y, seeds, **params):
+        self.fits.append({"X": X, "y": y, "seeds": list(seeds), **params})
+        members = fit_members(X, y, seeds, **params)
+        spy = self
 
-    def predict(self, X):
-        RecordingClassifier.log.append(("predict", self.get_params(), X, None))
-        return super().predict(X)
+        class Recorded:
+            def predict(self, data):
+                spy.predicts.append(data)
+                return members.predict(data)
 
+            def predict_proba(self, data):
+                spy.predicts.append(data)
+                return members.predict_proba(data)
 
-def recording_factory(config, n_classes, spec, seed):
-    params = evaluate.make_classifier(config, n_classes, spec, seed).get_params()
-    return RecordingClassifier(**params)
+        return Recorded()
 
 
 def _row_keys(x: np.ndarray) -> set[bytes]:
@@ -44,49 +50,83 @@ def prepared(tiny_prepared):
 
 
 def test_t_interval_matches_hand_computed_case():
-    result = evaluate.t_interval([1, 2, 3, 4, 5], confidence=0.95)
-    half = stats.t.ppf(0.975, 4) * np.sqrt(2.5) / np.sqrt(5)
+    result = t_interval([1, 2, 3, 4, 5], confidence=0.95)
+    half = 2.7764451051977987 * np.sqrt(2.5) / np.sqrt(5)  # t(0.975, 4), from tables
     assert result["mean"] == pytest.approx(3.0)
     assert result["std"] == pytest.approx(np.sqrt(2.5))
-    assert half == pytest.approx(2.776 * np.sqrt(2.5) / np.sqrt(5), rel=1e-3)
     assert (result["ci_low"], result["ci_high"]) == pytest.approx((3 - half, 3 + half))
 
 
 def test_paired_gain_uses_per_seed_differences():
-    import pandas as pd
-
     # arm b = arm a + seed-specific offset: the paired interval sees only the offsets
     rows = [{"arm": "real", "seed": s, **dict.fromkeys(evaluate.METRICS, 0.5 + 0.1 * s)} for s in range(5)]
     rows += [{"arm": "real+synthetic", "seed": s, **dict.fromkeys(evaluate.METRICS, 0.5 + 0.1 * s + d)} for s, d in enumerate([1, 2, 3, 4, 5])]
     gains = evaluate.paired_gains(pd.DataFrame(rows), "real", 0.95)
-    expected = evaluate.t_interval([1, 2, 3, 4, 5])
+    expected = t_interval([1, 2, 3, 4, 5])
     assert gains["real+synthetic"]["balanced_accuracy"]["ci_low"] == pytest.approx(expected["ci_low"])
     assert "real" not in gains
 
 
-def test_arms_share_budget_and_test_split_never_reaches_fit(prepared):
+def test_selection_and_every_arm_never_see_the_test_split(prepared):
     synthetic = prepared.val  # real held-out images posing as synthetic
     noise = LabeledImages(np.full_like(prepared.val.x, 7), prepared.val.y, prepared.class_names)
-    RecordingClassifier.log = []
-    config = FAST.model_copy(update={"soft_label_mix": 0.3})  # also exercises the real-train teacher
-    results = evaluate.run_arms(prepared.train, prepared.test, synthetic, noise, config, classifier_factory=recording_factory)
-    fits = [entry for entry in RecordingClassifier.log if entry[0] == "fit"]
-    predicts = [entry for entry in RecordingClassifier.log if entry[0] == "predict"]
-    assert len(fits) == 8 * FAST.seeds + 1 and len(predicts) == 8 * FAST.seeds
-    teacher_x = fits[0][2]
-    assert teacher_x is prepared.train.x
-    budgets = {(p["steps"], p["batch_size"], p["lr"], p["width"], p["weight_decay"]) for _, p, _, _ in fits}
-    assert budgets == {(FAST.steps, FAST.batch_size, FAST.lr, FAST.width, 5e-4)}
+    spy = SpyFit()
+    config = FAST.model_copy(update={"steps": "auto", "min_steps": 4, "max_steps": 8, "soft_label_mix": 0.3})
+    results = evaluate.run_arms(prepared.train, prepared.test, synthetic, noise, config, fit=spy)
     allowed = _row_keys(prepared.train.x) | _row_keys(synthetic.x) | _row_keys(noise.x)
     test_only = _row_keys(prepared.test.x) - allowed
     assert test_only, "fixture must hold test images that appear nowhere else"
-    for _, _, x, _ in fits:
-        assert _row_keys(x) <= allowed and not (_row_keys(x) & test_only)
-    assert all(x is prepared.test.x for _, _, x, _ in predicts)  # every arm scored on the same test array
-    assert set(results["per_seed"]["arm"]) == set(evaluate.BASELINE_ARMS + evaluate.SYNTHETIC_ARMS + evaluate.ABLATION_ARMS)
-    # the unfiltered ablation gets as many images per class as the accepted set
-    n_train = results["per_seed"].groupby("arm")["n_train"].first()
-    assert n_train["real+unfiltered"] == n_train["real+synthetic"] == len(prepared.train.y) + len(synthetic.y)
+    for call in spy.fits:  # budget curve, recipe selection, teacher and every arm
+        assert not (_row_keys(call["X"]) & test_only)
+    selection_predicts = [x for x in spy.predicts if x is not prepared.test.x]
+    assert selection_predicts and all(not (_row_keys(x) & test_only) for x in selection_predicts)
+    steps = results["selection"]["steps"]
+    arm_fits = [call for call in spy.fits if len(call["seeds"]) == FAST.seeds]
+    assert {(c["steps"], c["batch_size"], c["lr"], c["width"]) for c in arm_fits} == {(steps, FAST.batch_size, FAST.lr, FAST.width)}
+    best = results["selection"]["best_recipe"]
+    assert set(results["per_seed"]["arm"]) == set(FAST.recipes) | {f"{best}+synthetic", f"{best}+unfiltered", "real+synthetic"}
+    n_train = results["per_seed"].groupby("arm")["n_train"].first()  # the ablation adds as many images as the treatment
+    assert n_train[f"{best}+unfiltered"] == n_train[f"{best}+synthetic"] == len(prepared.train.y) + len(synthetic.y)
+
+
+def test_budget_doubles_until_the_out_of_fold_curve_flattens():
+    """A fake classifier whose out-of-fold accuracy is a known function of its step budget."""
+    accuracy_at = {10: 0.5, 20: 0.7, 40: 0.8, 80: 0.802, 160: 0.9}
+
+    def fake_fit(X, y, seeds, steps, **params):
+        class Model:
+            def predict(self, data):
+                truth = data[:, 0, 0, 0].astype(np.int64)  # the label is written into pixel (0, 0)
+                right = np.arange(len(truth)) < round(accuracy_at[steps] * len(truth))
+                return np.where(right, truth, (truth + 1) % 2)[None]
+        return Model()
+
+    y = np.repeat([0, 1], 20)
+    x = np.zeros((40, 4, 4, 1), np.uint8)
+    x[:, 0, 0, 0] = y
+    images = LabeledImages(x, y, ("a", "b"))
+    config = FAST.model_copy(update={"steps": "auto", "min_steps": 10, "max_steps": 160, "budget_tolerance": 0.005})
+    steps, curve = recipes.choose_budget(images, config, fake_fit)
+    assert steps == 40  # 40 -> 80 gains 0.2 points: converged, though 160 would jump again
+    assert [row["steps"] for row in curve] == [10, 20, 40, 80]
+    assert recipes.choose_budget(images, config.model_copy(update={"steps": 33}), fake_fit) == (33, [])
+
+
+def test_recipe_selection_picks_the_best_out_of_fold_recipe():
+    def fake_fit(X, y, seeds, loss, mixup_alpha, **params):
+        class Model:
+            def predict(self, data):  # only the logit-adjusted recipe without mixup gets it right
+                truth = data[:, 0, 0, 0].astype(np.int64)
+                good = loss == "logit_adjusted" and params["augment"]
+                return (truth if good else 1 - truth)[None]
+        return Model()
+
+    y = np.repeat([0, 1], 6)
+    x = np.zeros((12, 4, 4, 1), np.uint8)
+    x[:, 0, 0, 0] = y
+    best, scores = recipes.select_recipe(LabeledImages(x, y, ("a", "b")), FAST, 8, fit=fake_fit)
+    assert best.name == "real+logit_adjust+classic" and scores[best.name] == 1.0
+    assert set(scores) == set(FAST.recipes)
 
 
 def test_soft_targets_blend_only_synthetic_rows():
@@ -100,26 +140,35 @@ def test_soft_targets_blend_only_synthetic_rows():
 
 def test_without_synthetic_only_baselines_and_not_recommended(prepared):
     results = evaluate.run_arms(prepared.train, prepared.test, None, None, FAST)
-    assert set(results["per_seed"]["arm"]) == set(evaluate.BASELINE_ARMS)
-    assert results["decision"]["verdict"] == "not recommended"
+    assert set(results["per_seed"]["arm"]) == set(FAST.recipes)
+    assert results["decision"]["reason"] == "no accepted synthetic samples to evaluate"
 
 
-def test_decide_requires_interval_above_zero():
-    summary = {arm: {"balanced_accuracy": {"mean": 0.5}} for arm in evaluate.BASELINE_ARMS + evaluate.SYNTHETIC_ARMS}
+def test_only_the_selected_recipe_when_not_every_recipe_is_tested(prepared):
+    config = FAST.model_copy(update={"test_every_recipe": False})
+    results = evaluate.run_arms(prepared.train, prepared.test, prepared.val, None, config)
+    best = results["selection"]["best_recipe"]
+    assert set(results["per_seed"]["arm"]) == {"real", best, f"{best}+synthetic"} | ({"real+synthetic"} if best != "real" else set())
+
+
+def test_decide_compares_the_treatment_with_the_selected_recipe():
+    summary = {arm: {"balanced_accuracy": {"mean": 0.5}} for arm in ("real", "real+mixup+classic", "real+mixup+classic+synthetic")}
     up = {"mean": 0.02, "ci_low": 0.01, "ci_high": 0.03}
     straddles = {"mean": 0.02, "ci_low": -0.01, "ci_high": 0.05}
-    gains = {arm: {"balanced_accuracy": up} for arm in evaluate.SYNTHETIC_ARMS}
-    assert evaluate.decide(summary, gains)["verdict"] == "recommended"
-    gains = {arm: {"balanced_accuracy": straddles} for arm in evaluate.SYNTHETIC_ARMS}
-    decision = evaluate.decide(summary, gains)
+    decision = evaluate.decide(summary, {"real+mixup+classic+synthetic": {"balanced_accuracy": up}}, "real+mixup+classic")
+    assert decision["verdict"] == "recommended" and decision["best_synthetic"] == "real+mixup+classic+synthetic"
+    decision = evaluate.decide(summary, {"real+mixup+classic+synthetic": {"balanced_accuracy": straddles}}, "real+mixup+classic")
     assert decision["verdict"] == "not recommended" and "includes zero" in decision["reason"]
 
 
-def test_check_disjoint_rejects_shared_indices(prepared):
+def test_check_disjoint_compares_indices_of_the_same_source_only(prepared):
     leaky = LabeledImages(prepared.test.x[:3], prepared.test.y[:3], prepared.class_names, prepared.train.index[:3])
+    same_source = dict(prepared.meta, split_sources={"train": "source", "val": "source", "test": "source"})
     with pytest.raises(DataError, match="shares 3 source indices"):
-        evaluate.check_disjoint(prepared.train, leaky)
-    evaluate.check_disjoint(prepared.train, prepared.test)
+        evaluate.check_disjoint(PreparedData(prepared.train, prepared.val, leaky, same_source))
+    separate = dict(prepared.meta, split_sources={"train": "source", "val": "source", "test": "test_source"})
+    evaluate.check_disjoint(PreparedData(prepared.train, prepared.val, leaky, separate))  # positions in another file
+    evaluate.check_disjoint(prepared)
 
 
 def test_verdict_flips_from_held_out_real_to_noise():
@@ -137,45 +186,22 @@ def test_verdict_flips_from_held_out_real_to_noise():
     names = tuple(str(c) for c in range(10))
     sets = {k: LabeledImages(x[np.concatenate(v)], y[np.concatenate(v)], names, np.concatenate(v)) for k, v in parts.items()}
     noise = LabeledImages(rng.integers(0, 256, sets["good"].x.shape, dtype=np.uint8), sets["good"].y, names)
-    config = EvaluateConfig(steps=60, seeds=3, batch_size=32, width=16, device="cpu", quality=False)
+    config = EvaluateConfig(steps=60, seeds=3, batch_size=32, width=16, device="cpu", quality=False,
+                            recipes=("real+classic", "real+logit_adjust+classic"))
     good = evaluate.run_arms(sets["train"], sets["test"], sets["good"], None, config)
     bad = evaluate.run_arms(sets["train"], sets["test"], noise, None, config)
     assert good["decision"]["verdict"] == "recommended", good["decision"]["reason"]
     assert bad["decision"]["verdict"] == "not recommended", bad["decision"]["reason"]
 
 
-def test_main_writes_metrics_and_tables(tiny_prepared, tmp_path):
+def test_main_writes_small_metrics_and_details(tiny_prepared, tmp_path):
     config = Config(evaluate=FAST)
-    payload = evaluate.main(config, tiny_prepared, tmp_path / "no-synthetic", tmp_path / "no-pool", tmp_path / "reports", progress=False)
+    details = evaluate.main(config, tiny_prepared, tmp_path / "no-synthetic", tmp_path / "no-pool", tmp_path / "reports", progress=False)
     metrics = read_json(tmp_path / "reports" / "metrics.json")
-    assert metrics["verdict"] == payload["verdict"] == "not recommended"
-    assert set(metrics["arms"]) == set(evaluate.BASELINE_ARMS)
-    assert metrics["arms"]["real"]["balanced_accuracy"]["n"] == FAST.seeds
-    assert len(metrics["per_class_recall"]["real"]) == 10
+    assert metrics["verdict"] == details["verdict"] == "not recommended"
+    assert set(metrics["balanced_accuracy"]) == set(FAST.recipes) and metrics["steps"] == FAST.steps
+    assert len(metrics) <= 12  # a handful of numbers, so `dvc exp show` fits a terminal
+    saved = read_json(tmp_path / "reports" / "evaluation" / "details.json")
+    assert saved["arms"]["real"]["balanced_accuracy"]["n"] == FAST.seeds
+    assert len(saved["per_class_recall"]["real"]) == 10
     assert (tmp_path / "reports" / "evaluation" / "per_seed.csv").is_file()
-    assert (tmp_path / "reports" / "evaluation" / "per_class_recall.csv").is_file()
-
-
-def test_classic_augment_is_a_per_image_affine_with_black_fill():
-    import torch
-
-    from synthgen.models.classifier import classic_augment
-
-    images = -torch.ones(16, 1, 12, 12)
-    images[:, :, 4:8, 4:8] = 1.0  # a white square on black
-    torch.manual_seed(0)
-    out = classic_augment(images)
-    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
-    assert (out[:, :, 0, 0] == -1).all()  # borders stay black (fill -1, not 0)
-    assert not torch.equal(out[0], out[1])  # independent draw per image
-    assert (out.sum(dim=(1, 2, 3)) - images.sum(dim=(1, 2, 3))).abs().max() < 0.5 * 16 * 2  # mass roughly kept
-
-
-def test_classifier_soft_targets_are_used(prepared):
-    # soft targets that always say class 0 make the classifier predict class 0 regardless of y
-    targets = np.zeros((len(prepared.train.y), 10), dtype=np.float32)
-    targets[:, 0] = 1.0
-    model = CNNClassifier(n_classes=10, width=8, steps=30, batch_size=16, device="cpu").fit(prepared.train.x, prepared.train.y, soft_targets=targets)
-    assert (model.predict(prepared.test.x) == 0).mean() > 0.9
-    with pytest.raises(ValueError, match="soft_targets must have shape"):
-        CNNClassifier(n_classes=10, steps=1, device="cpu").fit(prepared.train.x, prepared.train.y, soft_targets=targets[:, :3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from synthgen import artifacts
 from synthgen import generate
 from synthgen.config import GenerateConfig
 from synthgen.executor import map_shards, open_executor
@@ -32,7 +33,7 @@ def _generate_and_score(executor, generator_path, out_dir):
     with open_executor(executor, 2) if isinstance(executor, str) else executor as pool:
         written = map_shards(generate.run_shard, specs, pool)
         scores = map_shards(score_shard, [ScoreSpec(s.out_path, {"novelty": novelty}, 0) for s in specs], pool)
-    shards = [generate.read_shard(s.out_path) for s in specs]
+    shards = [artifacts.read_shard(s.out_path) for s in specs]
     return written, shards, scores
 
 

@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from synthgen import filters
+from synthgen import artifacts
 from synthgen import filter as flt
 from synthgen import filter_outputs, generate
 from synthgen.config import load_config
@@ -45,7 +47,7 @@ def run_filter(tiny_prepared, models_root, pool_dir, out, **overrides):
 
 def test_novelty_rejects_an_exact_copy_of_a_training_image(tiny_prepared):
     data = load_prepared(tiny_prepared)
-    novelty = flt.NoveltyFilter(0.5).fit(data.train.x, data.train.y, data.val.x, data.val.y)
+    novelty = filters.NoveltyFilter(0.5).fit(data.train.x, data.train.y, data.val.x, data.val.y)
     copies = data.train.x[:5]
     assert not novelty.keep(copies, data.train.y[:5]).any()
     assert np.allclose(novelty.score(copies, data.train.y[:5]), 0.0)
@@ -55,13 +57,13 @@ def test_novelty_rejects_an_exact_copy_of_a_training_image(tiny_prepared):
 def test_thresholds_tighten_monotonically(tiny_prepared, models_root, pool_dir):
     data = load_prepared(tiny_prepared)
     model = generate.load_model(models_root / "cgan" / "generator.pt", "cpu")
-    pool = generate.load_pool(pool_dir)
+    pool = artifacts.load_pool(pool_dir)
     # candidates: the (untrained-generator) pool plus real images, so every filter sees a spread of scores
     x, y = np.concatenate([pool.x, data.val.x, data.train.x]), np.concatenate([pool.y, data.val.y, data.train.y])
     fitters = {
-        "discriminator": lambda q: flt.DiscriminatorFilter(model, q).fit(data.val.x, data.val.y),
-        "classifier": lambda t: flt.ConfidenceFilter(10, t, "none", steps=10, device="cpu").fit(data.train.x, data.train.y),
-        "novelty": lambda t: flt.NoveltyFilter(t).fit(data.train.x, data.train.y, data.val.x, data.val.y),
+        "discriminator": lambda q: filters.DiscriminatorFilter(model, q).fit(data.val.x, data.val.y),
+        "classifier": lambda t: filters.ConfidenceFilter(10, t, "none", steps=10, device="cpu").fit(data.train.x, data.train.y),
+        "novelty": lambda t: filters.NoveltyFilter(t).fit(data.train.x, data.train.y, data.val.x, data.val.y),
     }
     settings = {"discriminator": [0.0, 0.3, 0.7, 1.0], "classifier": [0.0, 0.1, 0.12, 0.5], "novelty": [0.0, 1.0, 1.3, 5.0]}
     quotas = np.full(10, 10**6)
@@ -86,7 +88,7 @@ def test_without_image_folder_dvc_tracks_shards_only_and_export_writes_the_tree(
     out = tmp_path / "synthetic"
     run_filter(tiny_prepared, models_root, pool_dir, out, **{"filter.image_folder": "false", "filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0})
     assert [p.name for p in (out / "accepted").iterdir()] == ["README.txt"]  # the DVC out exists and says why
-    accepted = flt.load_accepted(out)
+    accepted = artifacts.load_accepted(out)
     result = CliRunner().invoke(app, ["export", "--synthetic", str(out), "--out", str(tmp_path / "tree")])
     assert result.exit_code == 0, result.output
     folder = ImageFolder(tmp_path / "tree")
@@ -116,11 +118,11 @@ def test_outputs_load_with_imagefolder_and_match_the_plan(tiny_prepared, models_
     assert np.bincount(folder.targets, minlength=10).tolist() == plan["quota"].tolist()
     image = Image.open(folder.samples[0][0])
     assert image.mode == "L" and image.size == (8, 8)
-    accepted = flt.load_accepted(out)
+    accepted = artifacts.load_accepted(out)
     assert accepted.counts().tolist() == plan["quota"].tolist() and summary["shortfalls"] == {}
     first = accepted.index[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "accepted" / "0" / f"{first:09d}.png"))[..., None], accepted.x[0])
-    manifest = flt.load_manifest(out)
+    manifest = artifacts.load_manifest(out)
     assert len(manifest) == summary["generated"] == 100 and manifest["d_score"].isna().all()
     assert set(manifest.loc[~manifest["accepted"], "rejected_by"]) == {"quota"}
     assert summary["per_class"]["0"]["discriminator_acceptance"] == "n/a"
@@ -135,11 +137,11 @@ def test_round_limit_and_shortfalls_when_everything_is_rejected(tiny_prepared, m
     first_request = 10  # ceil(5 x oversample 2)
     for requests in summary["topup_requests"]:
         assert all(0 < r <= flt.TOPUP_CAP * first_request for r in requests)
-    manifest = flt.load_manifest(out)
+    manifest = artifacts.load_manifest(out)
     assert sorted(manifest["round"].unique()) == [0, 1, 2]
     assert manifest["sample_id"].is_unique and manifest["sample_id"].min() == 0
     assert (manifest["rejected_by"] != "").all() and set(manifest["rejected_by"]) <= set(flt.FILTERS)
-    assert len(flt.load_accepted(out).y) == 0
+    assert len(artifacts.load_accepted(out).y) == 0
 
 
 def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_root, pool_dir, tmp_path):
@@ -148,7 +150,7 @@ def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_
     summary = run_filter(tiny_prepared, models_root, pool_dir, out, **overrides)
     # the pool had 10 per class and everything passes: one top-up round of ceil(1.2 x 15 / (11/12)) = 20 fills the rest
     assert summary["topup_requests"] == [[20] * 10] and summary["shortfalls"] == {}
-    assert flt.load_accepted(out).counts().tolist() == [25] * 10
+    assert artifacts.load_accepted(out).counts().tolist() == [25] * 10
 
 
 def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):
@@ -170,7 +172,7 @@ def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root,
 def test_cvae_has_no_discriminator_filter(tiny_prepared, models_root, pool_dir, tmp_path):
     summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"train.model": "cvae", "generate.max_rounds": 1})
     assert summary["filters"]["discriminator"] == "n/a"
-    assert flt.load_manifest(tmp_path / "synthetic")["d_score"].isna().all()
+    assert artifacts.load_manifest(tmp_path / "synthetic")["d_score"].isna().all()
 
 
 def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):
@@ -188,16 +190,16 @@ def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, model
     with pytest.raises(KeyboardInterrupt):
         run_filter(tiny_prepared, models_root, pool_dir, out, **loose)
     with pytest.raises(DataError, match="has not completed"):
-        flt.load_accepted(out)  # nothing committed: the accepted set is absent, not half there
+        artifacts.load_accepted(out)  # nothing committed: the accepted set is absent, not half there
     assert not (out / "accepted").exists() and not (out / "manifest.csv").exists()
     monkeypatch.setattr(filter_outputs, "save_png", real_save)
     run_filter(tiny_prepared, models_root, pool_dir, out, **loose)
-    before, manifest_before = flt.load_accepted(out), (out / "manifest.csv").read_text()
+    before, manifest_before = artifacts.load_accepted(out), (out / "manifest.csv").read_text()
     calls.clear()
     monkeypatch.setattr(filter_outputs, "save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
         run_filter(tiny_prepared, models_root, pool_dir, out, **{**loose, "generate.min_per_class": 3})
-    after = flt.load_accepted(out)
+    after = artifacts.load_accepted(out)
     np.testing.assert_array_equal(before.index, after.index)
     assert (out / "manifest.csv").read_text() == manifest_before
     assert len(list((out / "accepted").rglob("*.png"))) == len(before.y)

@@ -1,4 +1,4 @@
-"""The Prefect flow (flows/augment.py) on the tiny DVC project of tests/test_pipeline_dvc.py.
+"""The Prefect flow (flows/augment.py) on the tiny DVC project (``pipeline_repo`` in tests/conftest.py).
 
 Flow runs go through a real (test-harness) Prefect server and real DVC; one harness per session.
 The repo is reproduced once per session, so flow runs here mostly find stages up to date.
@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from flows.augment import FAIL_ONCE_VARIABLE, STAGES, FlowParams, StageFailed, apply_params, augment
 from synthgen.config import ConfigError
-from test_pipeline_dvc import dvc, make_pipeline_repo, restore_committed
 
 FAST_RETRIES = {"retries": 2, "retry_delay_seconds": [0.1]}
 
@@ -33,8 +32,8 @@ def prefect_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flow_repo(tmp_path_factory) -> Path:
-    return make_pipeline_repo(tmp_path_factory.getbasetemp() / "pipeline-repo")
+def flow_repo(pipeline_repo) -> Path:
+    return pipeline_repo
 
 
 def digest(path: Path) -> str:
@@ -88,7 +87,7 @@ def _task_run_counts(flow_run_id) -> dict[str, int]:
     return {run.name: run.run_count for run in runs}
 
 
-def test_flow_on_an_up_to_date_project_skips_every_stage_pushes_and_publishes(prefect_server, flow_repo):
+def test_flow_on_an_up_to_date_project_skips_every_stage_pushes_and_publishes(prefect_server, flow_repo, dvc):
     state = augment(FlowParams(project_dir=str(flow_repo), **FAST_RETRIES), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -109,7 +108,8 @@ def test_flow_retries_a_stage_that_fails_once(prefect_server, flow_repo, tmp_pat
     assert counts["dvc-repro-generate"] == 2 and counts["dvc-repro-filter"] == 1
 
 
-def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_server, flow_repo, tmp_path):
+def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_server, flow_repo, tmp_path, dvc,
+                                                                        restore_committed):
     prepared = flow_repo / "data/prepared/train.npz"
     before = digest(prepared)
     missing = tmp_path / "no-such-dataset"

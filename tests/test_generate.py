@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from synthgen import artifacts
 from synthgen import generate
 from synthgen.config import GenerateConfig, load_config
 from synthgen.data import DataError
@@ -89,15 +90,15 @@ def test_main_writes_plan_summary_and_shards(tiny_prepared, models_root, tmp_pat
     plan = pd.read_csv(pool / "plan.csv")
     assert plan["quota"].tolist() == [6] * 10 and plan["request"].tolist() == [12] * 10
     assert plan["real"].tolist() == [8] * 10
-    loaded = generate.load_pool(pool)
+    loaded = artifacts.load_pool(pool)
     assert loaded.counts().tolist() == [12] * 10
     assert loaded.index.tolist() == list(range(120))
     assert read_json(pool / "generate_summary.json")["n_samples"] == summary["n_samples"] == 120
     assert summary["next_sample_id"] == 128 and summary["next_sample_id"] % 16 == 0
-    assert len(generate.shard_paths(pool)) == 3  # shard_size 40 -> 48 (3 batches of 16)
+    assert len(artifacts.shard_paths(pool)) == 3  # shard_size 40 -> 48 (3 batches of 16)
     again = tmp_path / "again"
     generate.main(tiny_config(), tiny_prepared, models_root, again)
-    np.testing.assert_array_equal(generate.load_pool(again).x, loaded.x)
+    np.testing.assert_array_equal(artifacts.load_pool(again).x, loaded.x)
 
 
 def test_interrupted_generation_leaves_no_half_written_pool(tiny_prepared, models_root, tmp_path, monkeypatch):
@@ -116,12 +117,12 @@ def test_interrupted_generation_leaves_no_half_written_pool(tiny_prepared, model
     assert not pool.exists() and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(generate, "save_npz", real_save)
     generate.main(tiny_config(), tiny_prepared, models_root, pool)
-    before = generate.load_pool(pool)
+    before = artifacts.load_pool(pool)
     calls.clear()
     monkeypatch.setattr(generate, "save_npz", failing_save)
     with pytest.raises(KeyboardInterrupt):
         generate.main(tiny_config(**{"generate.min_per_class": 9}), tiny_prepared, models_root, pool)
-    after = generate.load_pool(pool)  # the previous complete pool, untouched
+    after = artifacts.load_pool(pool)  # the previous complete pool, untouched
     np.testing.assert_array_equal(before.x, after.x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pool"]
 
@@ -140,7 +141,7 @@ def test_cli_generate_and_its_user_errors(tiny_prepared, models_root, tmp_path):
     common = ["--prepared", str(tiny_prepared)]
     result = CliRunner().invoke(app, ["generate", *common, *sets, "--models", str(models_root), "--out", str(tmp_path / "pool")])
     assert result.exit_code == 0, result.output
-    assert generate.load_pool(tmp_path / "pool").counts().tolist() == [6] * 10
+    assert artifacts.load_pool(tmp_path / "pool").counts().tolist() == [6] * 10
     missing = CliRunner().invoke(app, ["generate", *common, *sets, "--models", str(tmp_path / "none"), "--out", str(tmp_path / "p2")])
     assert missing.exit_code == 2 and "generator.pt" in missing.output
     bad = CliRunner().invoke(app, ["filter", *common, "--pool", str(tmp_path / "no-pool"), "--models", str(models_root), "--out", str(tmp_path / "s")])
@@ -161,4 +162,4 @@ def test_latent_mode_resolution_and_interpolated_pool(tiny_prepared, models_root
         config = tiny_config(**{"train.model": "cvae", "generate.latent": latent})
         summaries[latent] = generate.main(config, tiny_prepared, tmp_path / "models", tmp_path / f"pool-{latent}")
     assert summaries["auto"]["latent"] == "interpolate" and summaries["prior"]["latent"] == "prior"
-    assert not np.array_equal(generate.load_pool(tmp_path / "pool-auto").x, generate.load_pool(tmp_path / "pool-prior").x)
+    assert not np.array_equal(artifacts.load_pool(tmp_path / "pool-auto").x, artifacts.load_pool(tmp_path / "pool-prior").x)

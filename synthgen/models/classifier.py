@@ -1,11 +1,21 @@
-"""A small CNN image classifier with a scikit-learn estimator interface.
+"""A small CNN image classifier: one training loop for E seeds at once, and a scikit-learn estimator on top.
 
-Used three ways: the real-data classifier behind the confidence and novelty filters, the
-fixed downstream classifier of the evaluation harness, and the feature extractor for
-diversity / Frechet distance / precision-recall. Follows scikit-learn's estimator rules:
-``__init__`` only stores, ``fit`` returns ``self``, fitted attributes end in ``_``, and all
-randomness comes from ``random_state``. The whole training set stays on the device as one
-tensor and batches are drawn by index (scarce data: no per-sample DataLoader work).
+Used three ways: the real-data classifier behind the confidence and novelty filters, the fixed
+downstream classifier of the evaluation harness, and the feature extractor for diversity /
+Frechet distance / precision-recall.
+
+:func:`fit_members` is the only training loop. It trains one CNN per seed on the same data as
+one grouped network (:mod:`synthgen.models.ensemble`), which on small images costs about as much
+per step as one CNN. Member e's run depends only on its seed: its initial weights are a
+``SmallCNN`` built under ``torch.manual_seed(seed)`` (what a lone :class:`CNNClassifier` gets),
+its batch indices come from ``torch.Generator().manual_seed(seed)`` and its augmentation,
+mixup and dropout draws from a second generator of its own. ``batched=False`` runs the same loop
+one seed at a time (the reference path); the two agree to float rounding.
+
+:class:`CNNClassifier` follows scikit-learn's estimator rules (``__init__`` only stores, ``fit``
+returns ``self``, fitted attributes end in ``_``, all randomness from ``random_state``) and fits
+through ``fit_members(seeds=[random_state])``. The training set stays on the device as one tensor
+and batches are drawn by index (scarce data: no per-sample DataLoader work).
 """
 
 from __future__ import annotations
@@ -18,11 +28,10 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from synthgen.data import to_tensor
 from synthgen.device import autocast, inference_rows, resolve_device
-
+from synthgen.models import ensemble
+from synthgen.tensors import to_tensor
 
 @dataclass(frozen=True)
 class SmallCNNConfig:
@@ -40,13 +49,7 @@ def fuse_for_inference(model: "SmallCNN") -> "SmallCNN":
     us/sample), since each BN was a separate pass over the activations.
     """
     fused = copy.deepcopy(model).eval()
-    layers, kept = list(fused.body), []
-    while layers:
-        layer = layers.pop(0)
-        if isinstance(layer, nn.Conv2d) and layers and isinstance(layers[0], nn.BatchNorm2d):
-            layer = fuse_conv_bn_eval(layer, layers.pop(0))
-        kept.append(layer)
-    fused.body = nn.Sequential(*kept)
+    fused.body = ensemble.fold_batch_norm(model.body)
     return fused.to(memory_format=torch.channels_last)
 
 
@@ -59,18 +62,8 @@ class SmallCNN(nn.Module):
     def __init__(self, config: SmallCNNConfig, image_size: tuple[int, int]):
         super().__init__()
         self.config = config
-        width, size = config.width, min(image_size)
-        layers: list[nn.Module] = []
-        channels = config.in_channels
-        for out_channels in (width, 2 * width):
-            for _ in range(2):
-                layers += [nn.Conv2d(channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
-                channels = out_channels
-            if size >= 4:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
-        self.neck = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(channels * 4, config.feature_dim), nn.ReLU(inplace=True))
+        self.body, n_features = ensemble.conv_body(config.in_channels, config.width, tuple(image_size))
+        self.neck = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(n_features, config.feature_dim), nn.ReLU(inplace=True))
         self.head = nn.Linear(config.feature_dim, config.n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,33 +74,181 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def classic_augment(images: torch.Tensor, allow_flips: bool = False) -> torch.Tensor:
+def seeded_cnn(config: SmallCNNConfig, image_size: tuple[int, int], seed: int) -> SmallCNN:
+    """``SmallCNN`` initialised under ``torch.manual_seed(seed)``, leaving torch's global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmallCNN(config, image_size)
+
+
+# --------------------------------------------------------------------- augmentation
+def classic_augment(images: torch.Tensor, allow_flips: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """Classical augmentation, an independent draw per image: small random affine (+ optional h-flip).
 
-    Rotation within +-10 degrees, translation within +-10 % of the size, scale 0.9-1.1, empty
-    border filled with -1 (black). Vectorised over the batch with one ``affine_grid`` /
-    ``grid_sample`` call (a per-image torchvision loop was the evaluation harness's bottleneck);
-    draws come from torch's global RNG, which ``CNNClassifier.fit`` seeds.
+    Vectorised over the batch with one ``affine_grid`` / ``grid_sample`` call (a per-image
+    torchvision loop was the evaluation harness's bottleneck). Draws come from the CPU
+    ``generator`` (torch's global RNG when None), so they do not depend on the device.
     """
-    n, device = images.shape[0], images.device
-    angle = (torch.rand(n) * 2 - 1) * (torch.pi * 10 / 180)
-    scale = 0.9 + 0.2 * torch.rand(n)
-    shift = (torch.rand(n, 2) * 2 - 1) * 0.2  # grid coordinates span [-1, 1]: 10 % of the size is 0.2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    if allow_flips:
-        flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
-        theta[:, :, 0] *= flip[:, None]  # mirror the sampled x coordinate
-    grid = F.affine_grid(theta.to(device, images.dtype), list(images.shape), align_corners=False)
-    # shift to [0, 2] so zero padding becomes -1 after shifting back
-    return F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+    return ensemble.apply_affine(images, ensemble.affine_params(images.shape[0], allow_flips, generator))
 
 
+# ------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainingData:
+    """Everything the loop reads, on ``device``: images (N, C, H, W), targets (N, K), weights (N,), prior (K,)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    prior: torch.Tensor
+    sampling: torch.Tensor  # (N,) float64 CPU probabilities of drawing each row
+    config: SmallCNNConfig
+    device: torch.device
+
+
+def training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets, device) -> TrainingData:
+    """Validate the inputs and put them on ``device`` (see :func:`fit_members`)."""
+    X, y = np.asarray(X), np.asarray(y).astype(np.int64)
+    if X.ndim != 4 or X.dtype != np.uint8:
+        raise ValueError(f"X must be uint8 (N, H, W, C), got {X.dtype} {X.shape}")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} images but y has {len(y)} labels")
+    if sample_weight is not None and np.shape(sample_weight) != (len(y),):
+        raise ValueError(f"sample_weight must have shape {(len(y),)}, got {np.shape(sample_weight)}")
+    n_classes = n_classes or int(y.max()) + 1
+    probs = np.ones(len(y)) if not balanced else 1.0 / np.bincount(y, minlength=n_classes)[y]
+    probs = probs / probs.sum()
+    if soft_targets is None:  # (N, K) probabilities: one-hot unless a teacher's soft labels are given
+        targets = np.eye(n_classes, dtype=np.float32)[y]
+    elif np.shape(soft_targets) != (len(y), n_classes):
+        raise ValueError(f"soft_targets must have shape {(len(y), n_classes)}, got {np.shape(soft_targets)}")
+    else:
+        targets = np.asarray(soft_targets, dtype=np.float32)
+    weights = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
+    prior = ensemble.sampling_prior(y, probs, n_classes, sample_weight)
+
+    def on_device(array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=torch.float32, device=device)
+
+    return TrainingData(to_tensor(X, device), on_device(targets), on_device(weights), on_device(prior), torch.from_numpy(probs),
+                        SmallCNNConfig(X.shape[3], n_classes, width), device)
+
+
+def train_group(data: TrainingData, recipe: ensemble.Recipe, seeds: list[int]) -> tuple[ensemble.GroupedCNN, list[float]]:
+    """THE training loop: the members ``seeds`` as one grouped network; returns it (eval mode) and each member's last loss."""
+    image_size, device = tuple(data.images.shape[2:]), data.device
+    states = [seeded_cnn(data.config, image_size, seed).state_dict() for seed in seeds]
+    model = ensemble.GroupedCNN.from_member_states(data.config, image_size, states).to(device)
+    batch_rngs = [torch.Generator().manual_seed(seed) for seed in seeds]
+    noise_rngs = [torch.Generator().manual_seed(ensemble.stream_seed(seed, ensemble.NOISE_STREAM)) for seed in seeds]
+    # AdamW and OneCycleLR act element-wise, so one optimizer over the grouped weights is E independent ones
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.15)
+    model.train()
+    for _ in range(recipe.steps):
+        draws = ensemble.draw_step(recipe, data.sampling, batch_rngs, noise_rngs, model.body_features, data.config.dropout)
+        draws = {name: value.to(device, non_blocking=True) for name, value in draws.items()}  # CPU draws: device-independent
+        batch = draws["batch"]  # (E, B)
+        inputs, targets, weights = data.images[batch], data.targets[batch], data.weights[batch]  # (E, B, C, H, W), (E, B, K), (E, B)
+        if recipe.augment:
+            inputs = ensemble.apply_affine(inputs.flatten(0, 1), draws["theta"].flatten(0, 1)).view_as(inputs)
+        if recipe.mixup_alpha > 0:  # after augmentation; weights mix like the targets
+            inputs, targets, weights = (ensemble.mix(v, draws["lam"], draws["partner"]) for v in (inputs, targets, weights))
+        with autocast(device):
+            logits = model(ensemble.interleave(inputs), draws["keep"]).float()  # (E, B, K)
+        if recipe.loss == "logit_adjusted":
+            logits = ensemble.adjust_logits(logits, data.prior, recipe.logit_adjust_tau)
+        losses = ensemble.member_losses(logits, targets, weights, recipe.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # members share no weights: each gets only its own loss's gradient
+        optimizer.step()
+        schedule.step()
+    return model.eval(), losses.detach().cpu().tolist()
+
+
+def fit_members(X, y, seeds: list[int], *, n_classes=None, width=32, steps=300, batch_size=64, lr=2e-3,
+                weight_decay=5e-4, balanced=False, augment=False, allow_flips=False, label_smoothing=0.0,
+                loss="ce", logit_adjust_tau=1.0, mixup_alpha=0.0, sample_weight=None, soft_targets=None,
+                device="auto", batched=True) -> "Members":
+    """Train one CNN per seed on the same (X, y) for ``steps`` batches of ``batch_size``.
+
+    X uint8 (N, H, W, C), y int labels. ``balanced`` draws batches class-balanced (the oversampling
+    baseline); ``augment`` applies :func:`classic_augment`; ``sample_weight`` (N,) scales each row's
+    loss (sum(w * l) / sum(w)); ``soft_targets`` (N, K) probabilities replace the one-hot targets
+    (``y`` still drives sampling). ``loss="logit_adjusted"`` trains on logits + tau * log(prior),
+    prior = the class distribution of the batches (:func:`ensemble.sampling_prior`); prediction uses
+    the raw logits. Under ``balanced=True`` without sample weights the prior is uniform and the
+    adjustment is a no-op. ``mixup_alpha > 0`` mixes each augmented batch with a permutation of itself,
+    lam ~ Beta(alpha, alpha) per sample, targets and weights mixed alike. ``batched=True``: all seeds
+    as one grouped network; ``batched=False``: one at a time (same results to float rounding).
+    """
+    seeds = [int(seed) for seed in seeds]
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    if loss not in ensemble.LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {list(ensemble.LOSSES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    data = training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets, resolve_device(device))
+    recipe = ensemble.Recipe(steps, batch_size, lr, weight_decay, augment, allow_flips, label_smoothing, loss, logit_adjust_tau, mixup_alpha)
+    groups = [seeds] if batched else [[seed] for seed in seeds]
+    trained = [train_group(data, recipe, group) for group in groups]
+    if batched:
+        model = trained[0][0]
+    else:  # stack the lone members into one grouped network for inference
+        states = [lone.member_state(0) for lone, _ in trained]
+        model = ensemble.GroupedCNN.from_member_states(data.config, trained[0][0].image_size, states).to(data.device).eval()
+    return Members(seeds, model, tuple(np.shape(X)[1:]), [value for _, losses in trained for value in losses])
+
+
+class Members:
+    """The E trained CNNs of :func:`fit_members`, kept as one grouped network."""
+
+    def __init__(self, seeds: list[int], model: ensemble.GroupedCNN, image_shape: tuple[int, int, int], final_losses: list[float]):
+        self.seeds = list(seeds)
+        self.model = model  # training-mode layout (BN separate): the source of member()
+        self.inference_model = model.folded()  # conv + BN folded
+        self.image_shape = image_shape  # (H, W, C)
+        self.final_losses = final_losses  # each member's loss on its last batch
+        self.device = next(model.parameters()).device
+        self.n_classes = model.config.n_classes
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def member(self, e: int) -> SmallCNN:
+        """Member ``e``'s weights as a plain SmallCNN in eval mode, on the training device."""
+        cnn = seeded_cnn(self.model.config, self.model.image_size, 0)
+        cnn.load_state_dict(self.model.member_state(e))
+        return cnn.to(self.device).eval()
+
+    @torch.inference_mode()
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(E, N, K) class probabilities of every member: one grouped forward pass per chunk of rows."""
+        X = np.asarray(X)
+        if tuple(X.shape[1:]) != self.image_shape:
+            raise ValueError(f"X images have shape {X.shape[1:]}, the members were fitted on {self.image_shape}")
+        height, width = self.image_shape[:2]
+        rows = inference_rows(self.device, max(1, len(X)), (height, width * len(self)))  # a row is E images
+        outputs = [torch.empty(len(self), 0, self.n_classes)]
+        for start in range(0, len(X), rows):
+            inputs = to_tensor(X[start : start + rows], self.device).repeat(1, len(self), 1, 1)  # (n, E*C, H, W)
+            with autocast(self.device):
+                outputs.append(torch.softmax(self.inference_model(inputs).float(), dim=2).cpu())
+        return torch.cat(outputs, dim=1).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """(E, N) each member's predicted class."""
+        return self.predict_proba(X).argmax(axis=2)
+
+
+# ------------------------------------------------------------------------ estimator
 class CNNClassifier(ClassifierMixin, BaseEstimator):
-    """Small CNN trained for a fixed number of steps.
+    """Small CNN trained for a fixed number of steps: :func:`fit_members` with one seed, ``random_state``.
 
     ``balanced=True`` samples batches class-balanced (each class equally likely), the
     oversampling baseline. ``augment=True`` applies :func:`classic_augment` to every batch.
+    ``loss``, ``logit_adjust_tau`` and ``mixup_alpha`` are the loss recipes of :func:`fit_members`.
     ``sample_weight`` scales each sample's loss (e.g. down-weighting synthetic samples).
     Inputs ``X`` are uint8 (N, H, W, C) arrays, as in :mod:`synthgen.data`.
     """
@@ -124,6 +265,9 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         augment: bool = False,
         allow_flips: bool = False,
         label_smoothing: float = 0.0,
+        loss: str = "ce",
+        logit_adjust_tau: float = 1.0,
+        mixup_alpha: float = 0.0,
         device: str = "auto",
         random_state: int | None = 0,
     ):
@@ -137,68 +281,31 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         self.augment = augment
         self.allow_flips = allow_flips
         self.label_smoothing = label_smoothing
+        self.loss = loss
+        self.logit_adjust_tau = logit_adjust_tau
+        self.mixup_alpha = mixup_alpha
         self.device = device
         self.random_state = random_state
-
-    # ------------------------------------------------------------------ training
-    def _batch_sampler(self, y: np.ndarray, sample_weight: np.ndarray | None, rng: torch.Generator):
-        """Return a function drawing one batch of indices (with replacement, so any N works)."""
-        probs = np.ones(len(y), dtype=np.float64)
-        if self.balanced:
-            counts = np.bincount(y, minlength=self.classes_.size).astype(np.float64)
-            probs = 1.0 / counts[y]
-        weights = torch.from_numpy(probs / probs.sum())
-        return lambda: torch.multinomial(weights, self.batch_size, replacement=True, generator=rng)
 
     def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None,
             soft_targets: np.ndarray | None = None) -> "CNNClassifier":
         """Train for ``steps`` batches. ``soft_targets`` (N, K) probabilities replace the one-hot
         targets in the loss (e.g. a real-data teacher's soft labels for synthetic samples);
         ``y`` still drives class-balanced sampling."""
-        X, y = np.asarray(X), np.asarray(y).astype(np.int64)
-        if X.ndim != 4 or X.dtype != np.uint8:
-            raise ValueError(f"X must be uint8 (N, H, W, C), got {X.dtype} {X.shape}")
-        if len(X) != len(y):
-            raise ValueError(f"X has {len(X)} images but y has {len(y)} labels")
-        n_classes = self.n_classes or int(y.max()) + 1
-        self.classes_ = np.arange(n_classes)
-        self.image_shape_ = tuple(X.shape[1:])
-        device = resolve_device(self.device)
         seed = 0 if self.random_state is None else int(self.random_state)
-        torch.manual_seed(seed)  # weight init and torchvision's augmentation draws
-        rng = torch.Generator().manual_seed(seed)
-        model = SmallCNN(SmallCNNConfig(X.shape[3], n_classes, self.width), X.shape[1:3]).to(device)
-        images, labels = to_tensor(X, device), torch.from_numpy(y).to(device)
-        if soft_targets is not None:  # (N, K) probabilities: cross_entropy accepts them as targets
-            if np.shape(soft_targets) != (len(y), n_classes):
-                raise ValueError(f"soft_targets must have shape {(len(y), n_classes)}, got {np.shape(soft_targets)}")
-            labels = torch.as_tensor(soft_targets, dtype=torch.float32, device=device)
-        weights = torch.ones(len(y), device=device) if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32, device=device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.lr, total_steps=self.steps, pct_start=0.15)
-        draw = self._batch_sampler(y, sample_weight, rng)
-        model.train()
-        for _ in range(self.steps):
-            batch = draw().to(device)
-            inputs = images[batch]
-            if self.augment:
-                inputs = classic_augment(inputs, self.allow_flips)
-            with autocast(device):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels[batch], reduction="none", label_smoothing=self.label_smoothing)
-            loss = (loss * weights[batch]).sum() / weights[batch].sum().clamp_min(1e-8)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        model.eval()
-        self.model_ = model
-        self.inference_model_ = fuse_for_inference(model)
-        self.device_ = device
-        self.final_loss_ = float(loss.detach())
+        members = fit_members(
+            X, y, [seed], n_classes=self.n_classes, width=self.width, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+            weight_decay=self.weight_decay, balanced=self.balanced, augment=self.augment, allow_flips=self.allow_flips,
+            label_smoothing=self.label_smoothing, loss=self.loss, logit_adjust_tau=self.logit_adjust_tau,
+            mixup_alpha=self.mixup_alpha, sample_weight=sample_weight, soft_targets=soft_targets, device=self.device)
+        self.classes_ = np.arange(members.n_classes)
+        self.image_shape_ = members.image_shape
+        self.model_ = members.member(0)
+        self.inference_model_ = fuse_for_inference(self.model_)
+        self.device_ = members.device
+        self.final_loss_ = members.final_losses[0]
         return self
 
-    # ----------------------------------------------------------------- inference
     def _check_input(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X)
         if tuple(X.shape[1:]) != self.image_shape_:
@@ -218,7 +325,7 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
             return np.zeros((0, 0), dtype=np.float32)
         return torch.cat(outputs).numpy()
 
-    def _inference_model(self) -> "SmallCNN":
+    def _inference_model(self) -> SmallCNN:
         fused = getattr(self, "inference_model_", None)  # absent from estimators pickled before it existed
         return self.model_ if fused is None else fused
 

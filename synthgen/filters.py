@@ -1,0 +1,199 @@
+"""The three candidate filters, scikit-learn style, each fitted on REAL images only.
+
+``fit`` returns self, ``score(X, y)`` gives per-sample scores, ``keep(X, y)`` a bool mask and
+``passes(scores, y)`` the same mask from precomputed scores; ``thresholds_`` holds one cut per class.
+
+Calibration needs real images the filter did not learn from. The user's labeled images are all
+they have, so none is held out by default (``data.val_per_class: 0``); each filter then calibrates
+without taking images away from training:
+
+* :class:`ConfidenceFilter` cross-fits: ``folds`` classifiers, each trained on the other folds,
+  give every real image an out-of-fold probability of its class; the per-class threshold is a
+  quantile of those. The classifier that scores candidates is then trained on every image.
+* :class:`NoveltyFilter` takes each class's scale from leave-one-out nearest-neighbour distances
+  within the class (a one-image class has none and uses the median scale of the others).
+* :class:`DiscriminatorFilter` scores real images the discriminator saw in training (it never saw
+  held-out ones when ``data.val_per_class`` or ``data.val_source`` provides them).
+
+With held-out images (``X_val``) every filter calibrates on those instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, clone
+
+from synthgen.device import autocast
+from synthgen.metrics import flat_pixels, nearest_distance
+from synthgen.models.classifier import CNNClassifier
+from synthgen.tensors import to_tensor
+
+FILTERS = ("discriminator", "classifier", "novelty")
+SCORE_COLUMNS = {"discriminator": "d_score", "classifier": "classifier_prob", "novelty": "nn_distance"}
+
+
+def per_class_quantile(scores: np.ndarray, y: np.ndarray, n_classes: int, q: float, min_count: int = 1) -> np.ndarray:
+    """q-quantile of ``scores`` per class; classes with fewer than ``min_count`` finite scores get
+    the median of the other classes' quantiles (or the global quantile when no class has enough)."""
+    scores, y = np.asarray(scores, dtype=np.float64), np.asarray(y)
+    finite = np.isfinite(scores)
+    overall = float(np.quantile(scores[finite], q)) if finite.any() else -np.inf
+    values = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        members = scores[(y == c) & finite]
+        if len(members) >= min_count:
+            values[c] = float(np.quantile(members, q))
+    fallback = float(np.median(values[~np.isnan(values)])) if (~np.isnan(values)).any() else overall
+    return np.where(np.isnan(values), fallback, values)
+
+
+def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold id per row: each class's rows shuffled (seeded) and dealt round-robin, so every fold
+    gets a share of every class with at least ``n_folds`` images."""
+    rng = np.random.default_rng([seed, 17])
+    folds = np.zeros(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        folds[rows] = (np.arange(len(rows)) + int(rng.integers(n_folds))) % n_folds
+    return folds
+
+
+class _Filter(BaseEstimator):
+    """Shared ``keep`` / ``passes``: a sample passes when its score clears its class threshold."""
+
+    def passes(self, scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) >= self.thresholds_[np.asarray(y)]
+
+    def keep(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.passes(self.score(X, y), y)
+
+
+class DiscriminatorFilter(_Filter):
+    """Keep when D(x, y) >= the ``quantile`` of D on real images of class y."""
+
+    def __init__(self, model=None, quantile: float = 0.1, batch_size: int = 1024, device: str = "cpu"):
+        self.model = model
+        self.quantile = quantile
+        self.batch_size = batch_size
+        self.device = device
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "DiscriminatorFilter":
+        if self.model is None or not self.model.has_discriminator:
+            raise ValueError("DiscriminatorFilter needs a generator with a discriminator (the cGAN)")
+        self.thresholds_ = per_class_quantile(self.score(X, y), np.asarray(y), self.model.n_classes, self.quantile)
+        return self
+
+    @torch.inference_mode()
+    def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        device = torch.device(self.device)
+        scores = []
+        for start in range(0, len(X), self.batch_size):
+            images = to_tensor(X[start : start + self.batch_size], device)
+            labels = torch.as_tensor(y[start : start + self.batch_size], dtype=torch.long, device=device)
+            with autocast(device):
+                scores.append(self.model.discriminator_score(images, labels).float().cpu())
+        return torch.cat(scores).numpy() if scores else np.zeros(0, dtype=np.float32)
+
+
+class ConfidenceFilter(_Filter):
+    """Keep when the real-data classifier gives the conditioned class p >= t_c.
+
+    ``classifier`` (an unfitted estimator, default a class-balanced augmented CNNClassifier) is
+    cloned and fitted on the real training images. ``calibration="per_class"`` lowers each class's
+    threshold to the ``quantile`` of p_c on real images the classifier did not see (``X_val``, or
+    out-of-fold over ``folds`` cross-fitted classifiers): a global threshold removes exactly the
+    minority classes that a scarce classifier is unsure of. A class with fewer than two images has
+    no out-of-fold probability worth the name (no fold model saw the class) and takes the median
+    threshold of the other classes.
+    """
+
+    def __init__(self, n_classes: int | None = None, threshold: float = 0.5, calibration: str = "per_class",
+                 quantile: float = 0.1, classifier=None, steps: int = 300, folds: int = 3, device: str = "auto",
+                 random_state: int | None = 0):
+        self.n_classes = n_classes
+        self.threshold = threshold
+        self.calibration = calibration
+        self.quantile = quantile
+        self.classifier = classifier
+        self.steps = steps
+        self.folds = folds
+        self.device = device
+        self.random_state = random_state
+
+    def _base(self, n_classes: int):
+        if self.classifier is not None:
+            return self.classifier
+        return CNNClassifier(n_classes=n_classes, steps=self.steps, balanced=True, augment=True, device=self.device,
+                             random_state=self.random_state)
+
+    def out_of_fold_proba(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+        """p(true class) of each real image from a classifier trained on the other folds (NaN for a class
+        with fewer than two images: no fold model saw it)."""
+        folds = stratified_folds(y, self.folds, 0 if self.random_state is None else int(self.random_state))
+        proba = np.full(len(y), np.nan)
+        counts = np.bincount(y, minlength=n_classes)
+        for fold in range(self.folds):
+            held = folds == fold
+            if not held.any() or held.all():
+                continue
+            model = clone(self._base(n_classes)).fit(X[~held], y[~held])
+            proba[held] = model.predict_proba(X[held])[np.arange(held.sum()), y[held]]
+        proba[counts[y] < 2] = np.nan
+        return proba
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> "ConfidenceFilter":
+        X, y = np.asarray(X), np.asarray(y).astype(np.int64)
+        n_classes = self.n_classes or int(np.max(y)) + 1
+        self.classifier_ = clone(self._base(n_classes)).fit(X, y)
+        self.n_fit_samples_ = len(X)  # what the scoring classifier saw: the real training images, nothing else
+        self.thresholds_ = np.full(n_classes, float(self.threshold))
+        self.calibrated_on_ = "none"
+        if self.calibration != "per_class":
+            return self
+        if X_val is not None and len(X_val):
+            y_val = np.asarray(y_val)
+            held_out, held_y = self.score(X_val, y_val), y_val
+            self.calibrated_on_ = "held-out images"
+        elif self.folds >= 2:
+            held_out, held_y = self.out_of_fold_proba(X, y, n_classes), y
+            self.calibrated_on_ = f"out-of-fold probabilities ({self.folds} folds)"
+        else:
+            return self
+        self.thresholds_ = np.minimum(self.thresholds_, per_class_quantile(held_out, held_y, n_classes, self.quantile))
+        return self
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self.classifier_.predict_proba(X)[np.arange(len(X)), np.asarray(y)]
+
+
+class NoveltyFilter(_Filter):
+    """Reject near-copies: nearest real training image closer than ``threshold`` x the class's typical
+    nearest-neighbour distance between real images (the class's scale, ``scales_``)."""
+
+    def __init__(self, threshold: float = 0.5, batch_size: int = 1024):
+        self.threshold = threshold
+        self.batch_size = batch_size
+
+    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> "NoveltyFilter":
+        y = np.asarray(y)
+        self.reference_ = flat_pixels(X)
+        n_classes = int(np.max(y)) + 1 if y_val is None or not len(y_val) else max(int(np.max(y)), int(np.max(y_val))) + 1
+        typical, typical_y = np.full(0, np.nan), np.zeros(0, np.int64)
+        for c in range(n_classes):
+            members = self.reference_[y == c]
+            if X_val is not None and len(X_val):  # a real unseen image of the class -> the class's train images
+                queries = flat_pixels(np.asarray(X_val)[np.asarray(y_val) == c])
+                distances = nearest_distance(queries, members, self.batch_size) if len(members) else np.full(len(queries), np.inf)
+            else:  # leave-one-out within the class; a one-image class gets inf (no scale of its own)
+                distances = nearest_distance(members, members, self.batch_size, exclude_self=True)
+            typical = np.concatenate([typical, distances])
+            typical_y = np.concatenate([typical_y, np.full(len(distances), c)])
+        self.scales_ = per_class_quantile(typical, typical_y, n_classes, 0.5)
+        self.thresholds_ = self.threshold * self.scales_
+        return self
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return nearest_distance(flat_pixels(X), self.reference_, self.batch_size)

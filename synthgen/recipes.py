@@ -1,0 +1,118 @@
+"""The non-generative recipes a team would use instead of synthgen, and how the best one is chosen.
+
+A recipe is a way to train the fixed downstream CNN on the real images alone: plain, with
+classical augmentation, with class-balanced oversampling, with a logit-adjusted loss (Menon et
+al. 2021; Balanced Softmax, Ren et al. 2020), or with mixup. The question synthgen answers is
+"does adding the accepted synthetic set to the BEST of these make my classifier better?", so
+both the step budget and the best recipe are chosen here, on the real training images alone,
+by stratified k-fold cross-validation (out-of-fold balanced accuracy). The test split never
+reaches this module.
+
+* :func:`choose_budget`: the classifier's step budget, doubled from ``min_steps`` while the
+  out-of-fold balanced accuracy of ``real+classic`` still improves by more than ``tolerance``:
+  the budget at which the real-data classifier has converged, identical for every arm.
+* :func:`select_recipe`: every recipe's out-of-fold balanced accuracy at that budget; the best wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from synthgen.config import EvaluateConfig
+from synthgen.data import LabeledImages
+from synthgen.filters import stratified_folds
+from synthgen.metrics import balanced_accuracy
+from synthgen.models.classifier import fit_members
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one arm trains the fixed CNN (everything else is shared by every arm)."""
+
+    name: str
+    augment: bool = False  # classical augmentation (small affine)
+    balanced: bool = False  # class-balanced batch sampling (random oversampling)
+    loss: str = "ce"  # "ce" or "logit_adjusted"
+    mixup: bool = False
+
+
+RECIPES = (
+    Recipe("real"),
+    Recipe("real+classic", augment=True),
+    Recipe("real+oversample+classic", augment=True, balanced=True),
+    Recipe("real+logit_adjust", loss="logit_adjusted"),
+    Recipe("real+logit_adjust+classic", augment=True, loss="logit_adjusted"),
+    Recipe("real+mixup+classic", augment=True, mixup=True),
+)
+BUDGET_RECIPE = "real+classic"  # augmentation converges slower than plain training: a budget that suits it suits both
+
+
+def recipe_named(name: str) -> Recipe:
+    for recipe in RECIPES:
+        if recipe.name == name:
+            return recipe
+    raise ValueError(f"unknown recipe {name!r}; choose from {[r.name for r in RECIPES]}")
+
+
+def classifier_params(recipe: Recipe, config: EvaluateConfig, n_classes: int, steps: int) -> dict:
+    """Keyword arguments of :func:`fit_members` for ``recipe``: only the recipe's fields vary by arm."""
+    return {
+        "n_classes": n_classes, "width": config.width, "steps": steps, "batch_size": config.batch_size, "lr": config.lr,
+        "balanced": recipe.balanced, "augment": recipe.augment, "allow_flips": config.allow_flips, "loss": recipe.loss,
+        "logit_adjust_tau": config.logit_adjust_tau, "mixup_alpha": config.mixup_alpha if recipe.mixup else 0.0,
+        "device": config.device,
+    }
+
+
+def out_of_fold_score(images: LabeledImages, recipe: Recipe, config: EvaluateConfig, steps: int, fit=fit_members) -> float:
+    """Mean over folds of the balanced accuracy on the held-out fold (classes present in it), one seed.
+
+    A class with fewer images than folds is missing from some training folds; every recipe meets
+    the same folds, so the comparison stays fair.
+    """
+    folds = stratified_folds(images.y, config.selection_folds, config.seed)
+    scores = []
+    for fold in range(config.selection_folds):
+        held = folds == fold
+        if not held.any() or held.all():
+            continue
+        params = classifier_params(recipe, config, images.n_classes, steps)
+        members = fit(images.x[~held], images.y[~held], [config.seed], **params)
+        scores.append(balanced_accuracy(images.y[held], members.predict(images.x[held])[0]))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_members) -> tuple[int, list[dict]]:
+    """(steps, curve): the smallest doubling of ``min_steps`` after which doubling again gains at most
+    ``budget_tolerance`` out-of-fold balanced accuracy (or ``max_steps``). ``evaluate.steps`` set to a
+    number skips the search."""
+    if config.steps != "auto":
+        return int(config.steps), []
+    recipe, curve = recipe_named(BUDGET_RECIPE), []
+    steps = config.min_steps
+    while True:
+        curve.append({"steps": steps, "balanced_accuracy": out_of_fold_score(images, recipe, config, steps, fit)})
+        if len(curve) >= 2 and curve[-1]["balanced_accuracy"] - curve[-2]["balanced_accuracy"] <= config.budget_tolerance:
+            return curve[-2]["steps"], curve
+        if steps * 2 > config.max_steps:
+            return steps, curve
+        steps *= 2
+
+
+def select_recipe(images: LabeledImages, config: EvaluateConfig, steps: int, curve: list[dict] | None = None,
+                  fit=fit_members) -> tuple[Recipe, dict]:
+    """(best recipe, {name: out-of-fold balanced accuracy}) among ``config.recipes`` at ``steps``.
+
+    Scores already measured on the budget curve at ``steps`` are reused. Ties go to the recipe
+    listed first (the simpler one). ``fit`` is :func:`fit_members` (tests pass a spy).
+    """
+    known = {row["steps"]: row["balanced_accuracy"] for row in curve or []}
+    scores = {}
+    for name in config.recipes:
+        recipe = recipe_named(name)
+        reuse = name == BUDGET_RECIPE and steps in known
+        scores[name] = known[steps] if reuse else out_of_fold_score(images, recipe, config, steps, fit)
+    best = max(config.recipes, key=lambda name: (scores[name], -config.recipes.index(name)))
+    return recipe_named(best), scores
