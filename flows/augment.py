@@ -283,8 +283,24 @@ def run_from_cli(params_path: str | Path, overrides: list[str], push: bool = Tru
     return result
 
 
+def build_deployment(cron: str = "0 3 * * *", name: str = "synthgen-nightly", project_dir: str | Path | None = None):
+    """The deployment `synthgen serve` serves: the flow on ``cron``, for ``project_dir`` (default: cwd).
+
+    Returns a ``prefect.deployments.runner.RunnerDeployment`` (nothing is registered or started).
+    Raises ConfigError on a cron string Prefect cannot parse.
+    """
+    project = Path(project_dir if project_dir is not None else Path.cwd()).resolve()
+    try:
+        return augment.to_deployment(name=name, cron=cron, parameters={"params": {"project_dir": str(project)}})
+    except ValueError as error:  # pydantic's ValidationError of CronSchedule
+        raise ConfigError(f"invalid cron schedule {cron!r} (five fields, e.g. '0 3 * * *'): {error}") from None
+
+
 def serve(cron: str = "0 3 * * *", name: str = "synthgen-nightly") -> None:
     """Serve a cron-scheduled deployment of the flow for this project (needs `prefect server start`)."""
+    import prefect
+
+    deployment = build_deployment(cron, name)
     if not os.environ.get("PREFECT_API_URL"):
         print("warning: PREFECT_API_URL is not set; schedules need a running `prefect server start`", file=sys.stderr)
-    augment.serve(name=name, cron=cron, parameters={"params": {"project_dir": str(Path.cwd())}})
+    prefect.serve(deployment)  # long-running: registers the deployment, then polls for its scheduled runs

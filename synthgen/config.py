@@ -148,7 +148,11 @@ class GenerateConfig(Section):
         "(cVAE only); auto = interpolate when the generator has a latent bank (the cVAE), else prior."
     )
     latent_noise: float = Field(
-        1.0, ge=0, description="interpolate: std of the Gaussian noise added to the interpolated code (MNIST 20/class: min per-class diversity 0.75 at 0.5, 0.87 at 1.0)."
+        1.0, ge=0, description="interpolate: std of the Gaussian noise added to the interpolated code."
+    )
+    borrow_style_below: int = Field(
+        5, ge=0, description="interpolate: a class with fewer training images than this interpolates between its own "
+        "codes and codes of any class (style from the head classes, decoded with the rare label); 0 turns it off."
     )
     oversample: float = Field(2.0, ge=1.0, description="First-round over-generation factor before acceptance is measured.")
     max_rounds: int = Field(4, ge=1, description="Bound on top-up rounds.")

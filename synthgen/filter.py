@@ -5,12 +5,18 @@ The filters themselves (discriminator score, real-data classifier confidence, no
 class, the first ``quota`` candidates (in sample-id order) that pass every enabled filter; short
 classes get top-up rounds sized by their measured acceptance rate. The output writing (PNG tree,
 shards, manifest, figures, atomic commit) lives in :mod:`synthgen.filter_outputs`.
+
+One selection and top-up loop, :func:`top_up`, serves two callers through a "draw more candidates
+for these per-class requests" callable: :func:`run_rounds` (the stage: candidates are npz shards
+written and scored by an executor) and :func:`select_candidates` (in memory, for
+:mod:`synthgen.sampler`). Both keep exactly the same candidates for the same scores.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,25 +42,33 @@ TOPUP_CAP = 10  # one round never asks for more than 10x the class's first-round
 
 # ------------------------------------------------------------------- fit + score
 def fit_filters(config: FilterConfig, prepared: PreparedData, model, device: torch.device) -> dict:
-    """Fit each enabled filter on real data; None marks a filter that is off or not applicable.
+    """:func:`fit_filters_on` the prepared train split, calibrated on the val split when it has images."""
+    held_out = (prepared.val.x, prepared.val.y) if len(prepared.val.y) else None
+    return fit_filters_on(config, prepared.train.x, prepared.train.y, model, device, held_out, prepared.n_classes)
 
-    Held-out images (the val split) calibrate the thresholds when there are any; otherwise the
-    filters calibrate on the training images themselves (cross-fitting, leave-one-out: see
+
+def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, device: torch.device,
+                   held_out: tuple[np.ndarray, np.ndarray] | None = None, n_classes: int | None = None) -> dict:
+    """Fit each enabled filter on real images (uint8 (N, H, W, C), labels 0..K-1); None marks a filter
+    that is off or not applicable (the discriminator filter without a cGAN).
+
+    Held-out images (``held_out`` = (x, y), e.g. the val split) calibrate the thresholds when given;
+    otherwise the filters calibrate on ``x`` itself (cross-fitting, leave-one-out: see
     :mod:`synthgen.filters`), so no labeled image is kept out of training for them.
     """
-    train, val, n_classes = prepared.train, prepared.val, prepared.n_classes
-    held_x, held_y = (val.x, val.y) if len(val.y) else (None, None)
+    held_x, held_y = held_out if held_out is not None else (None, None)
+    n_classes = n_classes or int(np.max(y)) + 1
     filters: dict = dict.fromkeys(FILTERS)
     if config.discriminator and model is not None and model.has_discriminator:
-        calibration = (val.x, val.y) if len(val.y) else (train.x, train.y)
+        calibration = held_out if held_out is not None else (x, y)
         filters["discriminator"] = DiscriminatorFilter(model, config.discriminator_quantile, device=str(device)).fit(*calibration)
     if config.classifier:
         filters["classifier"] = ConfidenceFilter(
             n_classes, config.classifier_threshold, config.classifier_calibration, config.classifier_quantile,
             steps=config.classifier_steps, folds=config.calibration_folds, device=str(device), random_state=config.seed,
-        ).fit(train.x, train.y, held_x, held_y)
+        ).fit(x, y, held_x, held_y)
     if config.novelty:
-        filters["novelty"] = NoveltyFilter(config.novelty_threshold).fit(train.x, train.y, held_x, held_y)
+        filters["novelty"] = NoveltyFilter(config.novelty_threshold).fit(x, y, held_x, held_y)
     return filters
 
 
@@ -83,13 +97,15 @@ class ScoreSpec:
     round: int
 
 
+def scored_table(candidates: dict[str, np.ndarray], round_number: int, filters: dict, shard: str = "") -> pd.DataFrame:
+    """One row per candidate (``candidates``: x, y, sample_id): ids, label, round, shard, scores, pass masks."""
+    table = pd.DataFrame({"sample_id": candidates["sample_id"], "label": candidates["y"], "round": round_number, "shard": shard})
+    return table.assign(**score_candidates(candidates["x"], candidates["y"], filters))
+
+
 def score_shard(spec: ScoreSpec) -> pd.DataFrame:
-    """Score one candidate shard: one row per candidate (top-level, so any executor can run it)."""
-    shard = read_shard(spec.path)
-    table = pd.DataFrame({"sample_id": shard["sample_id"], "label": shard["y"], "round": spec.round, "shard": Path(spec.path).name})
-    for key, values in score_candidates(shard["x"], shard["y"], spec.filters).items():
-        table[key] = values
-    return table
+    """Score one candidate shard (top-level, so any executor can run it)."""
+    return scored_table(read_shard(spec.path), spec.round, spec.filters, Path(spec.path).name)
 
 
 # ---------------------------------------------------------------------- selection
@@ -120,33 +136,74 @@ def topup_requests(table: pd.DataFrame, quotas: np.ndarray, first_requests: np.n
     return np.where(deficit > 0, np.minimum(requests, TOPUP_CAP * np.maximum(first_requests, 1)), 0)
 
 
+# (per-class requests (K,), round number, first sample id) -> scored rows of the new candidates
+DrawScored = Callable[[np.ndarray, int, int], pd.DataFrame]
+
+
+def top_up(table: pd.DataFrame, quotas: np.ndarray, gen: GenerateConfig, draw: DrawScored) -> tuple[pd.DataFrame, list[list[int]]]:
+    """Select from the first-round ``table``, then top up short classes for at most ``gen.max_rounds`` rounds.
+
+    Each round asks ``draw`` for :func:`topup_requests` more candidates with fresh batch-aligned ids.
+    Returns the selected table (every candidate) and each round's requests.
+    """
+    first_requests = first_round_requests(quotas, gen.oversample)
+    table, history = select(table, quotas), []
+    for round_number in range(1, gen.max_rounds + 1):
+        requests = topup_requests(table, quotas, first_requests)
+        if requests.sum() == 0:
+            break
+        history.append(requests.tolist())
+        first_id = next_batch_start(int(table["sample_id"].max()), gen.batch_size) if len(table) else 0
+        table = select(pd.concat([table, draw(requests, round_number, first_id)], ignore_index=True), quotas)
+    return table, history
+
+
 def run_rounds(pool_dir: Path, work_dir: Path, filters: dict, quotas: np.ndarray, gen: GenerateConfig,
-               model_path: Path, device: str, first_id: int, latent: str = "prior") -> tuple[pd.DataFrame, list[Path], list[list[int]]]:
-    """Score the pool, then top up short classes for at most ``gen.max_rounds`` rounds.
+               model_path: Path, device: str, latent: str = "prior") -> tuple[pd.DataFrame, list[Path], list[list[int]]]:
+    """The stage's rounds: score the pool's shards, then :func:`top_up` with shards written to ``work_dir``.
 
     Returns the selected table, every candidate shard (pool + top-ups) and each round's requests.
     """
     shards = shard_paths(pool_dir)
-    first_requests = first_round_requests(quotas, gen.oversample)
     with open_executor(gen.executor, gen.workers) as pool:
-        parts = map_shards(score_shard, [ScoreSpec(str(p), filters, 0) for p in shards], pool)
-        table = select(pd.concat(parts, ignore_index=True) if parts else _empty_table(), quotas)
-        history = []
-        for round_number in range(1, gen.max_rounds + 1):
-            requests = topup_requests(table, quotas, first_requests)
-            if requests.sum() == 0:
-                break
-            history.append(requests.tolist())
+
+        def draw(requests: np.ndarray, round_number: int, first_id: int) -> pd.DataFrame:
             round_dir = work_dir / f"round-{round_number}"
             round_dir.mkdir(parents=True)
             specs = make_shard_specs(requests, first_id, gen, model_path, device, round_dir, start_index=len(shards), latent=latent)
             map_shards(run_shard, specs, pool)
             new = [Path(spec.out_path) for spec in specs]
-            parts = map_shards(score_shard, [ScoreSpec(str(p), filters, round_number) for p in new], pool)
-            table = select(pd.concat([table, *parts], ignore_index=True), quotas)
-            shards += new
-            first_id = next_batch_start(int(table["sample_id"].max()), gen.batch_size)
+            shards.extend(new)
+            return _score_shards(new, filters, round_number, pool)
+
+        table, history = top_up(_score_shards(shards, filters, 0, pool), quotas, gen, draw)
     return table, shards, history
+
+
+def _score_shards(paths: list[Path], filters: dict, round_number: int, pool) -> pd.DataFrame:
+    parts = map_shards(score_shard, [ScoreSpec(str(path), filters, round_number) for path in paths], pool)
+    return pd.concat(parts, ignore_index=True) if parts else _empty_table()
+
+
+def select_candidates(draw: Callable[[np.ndarray, int], dict[str, np.ndarray]], filters: dict, quotas: np.ndarray,
+                      gen: GenerateConfig) -> tuple[dict[str, np.ndarray], pd.DataFrame, list[list[int]]]:
+    """In memory: the first round (``gen.oversample`` x quotas) and the top-ups of :func:`top_up`.
+
+    ``draw(requests, first_id)`` returns candidates {x uint8 (n, H, W, C), y (n,), sample_id (n,)}
+    for per-class ``requests``, e.g. :func:`synthgen.generate.generate_candidates`. Returns the
+    accepted candidates (same keys, sample-id order), the selected table and each round's requests.
+    """
+    drawn: list[dict[str, np.ndarray]] = []
+
+    def draw_scored(requests: np.ndarray, round_number: int, first_id: int) -> pd.DataFrame:
+        drawn.append(draw(requests, first_id))
+        return scored_table(drawn[-1], round_number, filters)
+
+    first = draw_scored(first_round_requests(quotas, gen.oversample), 0, 0)
+    table, history = top_up(first, quotas, gen, draw_scored)
+    candidates = {key: np.concatenate([batch[key] for batch in drawn]) for key in ("x", "y", "sample_id")}
+    keep = np.isin(candidates["sample_id"], table.loc[table["accepted"], "sample_id"].to_numpy())
+    return {key: values[keep] for key, values in candidates.items()}, table, history
 
 
 def _empty_table() -> pd.DataFrame:
@@ -192,7 +249,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     gen_device = str(resolve_device(config.generate.device))
     with filter_outputs.staging(synthetic_root) as work_dir:
         table, shards, history = run_rounds(pool_dir, work_dir / "topup", filters, quotas, config.generate, model_path, gen_device,
-                                            int(pool_summary["next_sample_id"]), pool_summary.get("latent", "prior"))
+                                            pool_summary.get("latent", "prior"))
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
         summary["calibration"] = calibration_note(prepared)

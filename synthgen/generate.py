@@ -10,6 +10,8 @@
   batch size and the label plan), whatever the shard size or executor.
 * Shards (``shard-00000.npz``: ``x`` uint8 NHWC, ``y`` int64, ``sample_id`` int64) are written by
   the workers themselves, so memory stays flat however many samples are requested.
+* :func:`generate_candidates` is the in-memory core (a generator object in, arrays out) that the
+  notebook sampler uses; it returns for given ids exactly the samples the shards hold.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from synthgen.artifacts import POOL_SUMMARY
 from synthgen.data import DataError, load_prepared
 from synthgen.device import autocast, resolve_device
 from synthgen.executor import map_shards
-from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
+from synthgen.io import atomic_dir, atomic_write_text, save_npz, write_json
 from synthgen.models import DEFAULT_LATENT_NOISE
 from synthgen.tensors import to_uint8
 
@@ -86,6 +88,7 @@ class ShardSpec:
     out_path: str | None = None  # write the shard here and return a summary; None returns arrays
     latent: str = "prior"  # "prior" or "interpolate" (resolved from generate.latent, see resolve_latent)
     latent_noise: float = DEFAULT_LATENT_NOISE
+    borrow_below: int = 0  # generate.borrow_style_below (interpolate only)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -104,7 +107,7 @@ def resolve_latent(mode: str, model) -> str:
 
 
 def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, seed: int, device: torch.device,
-                   latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE) -> np.ndarray:
+                   latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE, borrow_below: int = 0) -> np.ndarray:
     """Sample ``labels`` (ids ``first_id...``) batch by batch; returns uint8 (n, H, W, C)."""
     if first_id % batch_size:
         raise ValueError(f"first_id {first_id} is not a multiple of batch_size {batch_size}")
@@ -114,7 +117,7 @@ def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, se
         generator = torch.Generator().manual_seed(batch_seed(seed, (first_id + start) // batch_size))
         batch = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
         with torch.inference_mode(), autocast(device):
-            outputs.append(to_uint8(model.sample(batch, generator, latent=latent, latent_noise=latent_noise)))
+            outputs.append(to_uint8(model.sample(batch, generator, latent=latent, latent_noise=latent_noise, borrow_below=borrow_below)))
     if not outputs:
         channels, height, width = model.image_shape
         return np.zeros((0, height, width, channels), dtype=np.uint8)
@@ -136,17 +139,31 @@ def load_model(path: str | Path, device: str | torch.device):
     return _cached_generator(str(path), str(device), path.stat().st_mtime_ns)
 
 
+def sample_shard(spec: ShardSpec, model) -> dict[str, np.ndarray]:
+    """The candidates of ``spec`` from ``model``, in memory: x uint8 (n, H, W, C), y, sample_id."""
+    x = sample_batches(model, spec.labels, spec.first_id, spec.batch_size, spec.seed, torch.device(spec.device), spec.latent,
+                       spec.latent_noise, spec.borrow_below)
+    return {"x": x, "y": spec.labels.astype(np.int64), "sample_id": spec.first_id + np.arange(len(spec.labels), dtype=np.int64)}
+
+
 def run_shard(spec: ShardSpec) -> dict:
-    """Generate one shard; top-level so process and Dask workers can unpickle it."""
-    device = torch.device(spec.device)
-    model = load_model(spec.model_path, device)
-    x = sample_batches(model, spec.labels, spec.first_id, spec.batch_size, spec.seed, device, spec.latent, spec.latent_noise)
-    sample_id = spec.first_id + np.arange(len(spec.labels), dtype=np.int64)
-    y = spec.labels.astype(np.int64)
+    """Generate one shard with the generator at ``spec.model_path``; top-level so process and Dask workers can unpickle it."""
+    arrays = sample_shard(spec, load_model(spec.model_path, torch.device(spec.device)))
     if spec.out_path is None:
-        return {"x": x, "y": y, "sample_id": sample_id}
-    save_npz(spec.out_path, x=x, y=y, sample_id=sample_id)
-    return {"path": Path(spec.out_path).name, "n": len(y)}
+        return arrays
+    save_npz(spec.out_path, **arrays)
+    return {"path": Path(spec.out_path).name, "n": len(arrays["y"])}
+
+
+def request_labels(requests: np.ndarray) -> np.ndarray:
+    """The class of each requested candidate in sample-id order: ids are assigned class by class."""
+    return np.repeat(np.arange(len(requests), dtype=np.int64), requests)
+
+
+def _spec(index: int, labels: np.ndarray, first_id: int, config: GenerateConfig, model_path, device: str, out_path: str | None,
+          latent: str) -> ShardSpec:
+    return ShardSpec(index, str(model_path), labels, first_id, config.batch_size, config.seed, device, out_path, latent,
+                     config.latent_noise, config.borrow_style_below)
 
 
 def make_shard_specs(
@@ -157,15 +174,21 @@ def make_shard_specs(
 
     Shards hold a whole number of batches, so no batch (and no batch seed) straddles two shards.
     """
-    labels = np.repeat(np.arange(len(requests), dtype=np.int64), requests)
+    labels = request_labels(requests)
     shard_len = math.ceil(config.shard_size / config.batch_size) * config.batch_size
     specs = []
     for number, start in enumerate(range(0, len(labels), shard_len)):
         index = start_index + number
         out_path = None if out_dir is None else str(Path(out_dir) / f"shard-{index:05d}.npz")
-        specs.append(ShardSpec(index, str(model_path), labels[start : start + shard_len], first_id + start, config.batch_size,
-                               config.seed, device, out_path, latent, config.latent_noise))
+        specs.append(_spec(index, labels[start : start + shard_len], first_id + start, config, model_path, device, out_path, latent))
     return specs
+
+
+def generate_candidates(model, requests: np.ndarray, first_id: int, config: GenerateConfig, device: str,
+                        latent: str = "prior") -> dict[str, np.ndarray]:
+    """In memory: ``requests[k]`` candidates of class k with ids from ``first_id`` (a multiple of
+    ``config.batch_size``), from a generator object; the same samples the stage's shards hold for those ids."""
+    return sample_shard(_spec(0, request_labels(requests), first_id, config, "", str(device), None, latent), model)
 
 
 def next_batch_start(last_id: int, batch_size: int) -> int:

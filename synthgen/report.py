@@ -38,6 +38,11 @@ def _pct(value) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.2f}"
 
 
+def _num(value) -> str:
+    """3 significant digits, or n/a (a class without accepted samples has no Frechet distance)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3g}"
+
+
 def _interval(stat: dict | None, signed: bool = False) -> str:
     """'91.30 [90.10, 92.50]' in percent points."""
     if not stat:
@@ -99,7 +104,7 @@ def quality_rows(quality: dict | None, class_names: list[str]) -> list[dict]:
     for entry in quality["per_class"]:
         rows.append({
             "class": class_names[entry["class"]], "synthetic": entry["n_synthetic"],
-            "Frechet": f"{entry['frechet']:.3g}", "precision": _pct(entry["precision"]),
+            "Frechet": _num(entry["frechet"]), "precision": _pct(entry["precision"]),
             "recall": _pct(entry["recall"]), "near-copy %": _pct(entry["near_copy_fraction"]),
         })
     return rows
@@ -184,7 +189,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
     if quality:
         lines += [
             f"CAS (train on synthetic only, test on real): accuracy {_pct(quality['cas']['accuracy'])}%, "
-            f"balanced accuracy {_pct(quality['cas']['balanced_accuracy'])}%. Frechet distance {quality['frechet']:.3g}, "
+            f"balanced accuracy {_pct(quality['cas']['balanced_accuracy'])}%. Frechet distance {_num(quality['frechet'])}, "
             f"precision {_pct(quality['precision'])}%, recall {_pct(quality['recall'])}% "
             f"(k-NN manifolds; {quality['feature_space']}). Near-copies: {_pct(quality['near_copy_fraction'])}% "
             f"(novelty rule, threshold {quality['near_copy_threshold']}).",

@@ -8,6 +8,11 @@ Every ``checkpoint_every`` steps that state is written atomically to ``checkpoin
 the same command continues from there. A checkpoint whose config or data differ is ignored.
 A non-finite loss stops training with an error naming the step, before anything is saved.
 
+Pure core: :func:`fit_generator` trains on arrays and returns the generator, the final state and
+a summary, writing nothing (checkpoints go to an ``on_checkpoint`` callback); the notebook sampler
+(:mod:`synthgen.sampler`) calls it directly. :func:`main` is the stage: it reads the prepared
+split, joins the DDP process group, resumes, writes checkpoints and outputs.
+
 Outputs (``models/<model>/``, swapped in atomically at the end): ``generator.pt``,
 ``config.json``, ``losses.csv`` (DVC plot source), ``summary.json``, ``samples.png`` (one row
 per class) and ``grids/step-XXXXX.png`` (one per checkpoint).
@@ -16,7 +21,7 @@ per class) and ``grids/step-XXXXX.png`` (one per checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import io
 import math
 import os
@@ -37,84 +42,17 @@ from synthgen import models
 from synthgen.config import Config, TrainConfig, config_to_dict
 from synthgen.data import load_prepared
 from synthgen.tensors import to_tensor
-from synthgen.device import resolve_device, seed_everything
+from synthgen.device import resolve_device
 from synthgen.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from synthgen.models import cgan, cvae
 from synthgen.models.diffaugment import parse_policy
-
-# Keys that may change between a checkpoint and its resumption without invalidating it.
-RESUMABLE_KEYS = ("steps", "checkpoint_every", "log_every", "device")
-
-
-class TrainingError(RuntimeError):
-    """Training diverged (non-finite loss or weights); the message names the step."""
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Everything that determines the rest of a run."""
-
-    network: torch.nn.Module  # cgan.CGAN or cvae.CVAE
-    optimizers: dict[str, torch.optim.Optimizer]
-    rng: torch.Generator  # batches, noise, DiffAugment draws
-    step: int = 0
-    history: list = dataclasses.field(default_factory=list)  # loss rows {step, name: mean since last row}
-    evals: list = dataclasses.field(default_factory=list)  # {step, val_loss}
-    running: dict = dataclasses.field(default_factory=dict)  # loss sums since the last row
-    best_val: float = math.inf
-    bad_evals: int = 0
-    train_seconds: float = 0.0  # summed over resumptions
-    rank: int = 0
-    world_size: int = 1
-    parallel: dict = dataclasses.field(default_factory=dict)  # DDP wrappers passed to the inner steps
+from synthgen.train_state import (
+    TrainingError, TrainState, build_state, checkpoint_payload, data_fingerprint, init_distributed, restore_state,
+    resume_mismatch, wrap_parallel,
+)
 
 
 # ------------------------------------------------------------------------ pure core
-def build_state(
-    config: TrainConfig, n_classes: int, image_shape: tuple[int, int, int], device: torch.device, rank: int = 0, world_size: int = 1
-) -> TrainState:
-    """Fresh weights and optimisers from ``config.seed``; ``image_shape`` is (C, H, W). Each rank gets its own batch seed."""
-    seed_everything(config.seed)
-    section = config.cgan if config.model == "cgan" else config.cvae
-    model_config = models.model_config(
-        config.model, n_classes, image_shape, latent_dim=section.latent_dim, base_channels=section.base_channels
-    )
-    network = models.build_network(model_config).to(device)
-    if config.model == "cgan":
-        optimizers = cgan.build_optimizers(network, config.cgan.lr_generator, config.cgan.lr_discriminator)
-    else:
-        optimizers = cvae.build_optimizers(network, config.cvae.lr)
-    rng = torch.Generator().manual_seed(config.seed + 1 + 7919 * rank)
-    return TrainState(network, optimizers, rng, rank=rank, world_size=world_size)
-
-
-def init_distributed() -> tuple[int, int]:
-    """(rank, world_size) from torchrun's environment; joins the process group when WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world_size
-
-
-def wrap_parallel(state: TrainState, device: torch.device) -> None:
-    """DistributedDataParallel wrappers (weights broadcast from rank 0, gradients averaged) for the inner steps."""
-    if state.world_size == 1:
-        return
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    network = state.network
-    if isinstance(network, cgan.CGAN):
-        state.parallel = {
-            "generator_net": DistributedDataParallel(network.generator, device_ids=ids),
-            "discriminator_net": DistributedDataParallel(network.discriminator, device_ids=ids),
-        }
-    else:
-        state.parallel = {"vae_net": DistributedDataParallel(network, device_ids=ids)}
-
-
 def train_mode(network: torch.nn.Module) -> None:
     network.train()
     if isinstance(network, cgan.CGAN):
@@ -219,73 +157,73 @@ def pixel_diversity_ratio(generator: models.ConditionalGenerator, images: torch.
     return ratios
 
 
-# --------------------------------------------------------------------- checkpoints
-def data_fingerprint(x: np.ndarray, y: np.ndarray) -> str:
-    digest = hashlib.sha256(np.ascontiguousarray(x).tobytes())
-    digest.update(np.ascontiguousarray(y).astype(np.int64).tobytes())
-    digest.update(str(x.shape).encode())
-    return digest.hexdigest()
+def fit_generator(
+    config: TrainConfig, x: np.ndarray, y: np.ndarray, x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, *,
+    n_classes: int | None = None, on_checkpoint: Callable[[TrainState, dict], None] | None = None,
+    on_log: Callable[[TrainState, dict], None] | None = None, resume_state: dict | None = None,
+    device: torch.device | None = None, rank: int = 0, world_size: int = 1,
+) -> tuple[models.ConditionalGenerator, TrainState, dict]:
+    """Train ``config.model`` on uint8 (N, H, W, C) images ``x`` with labels ``y`` in 0..K-1; writes nothing.
+
+    ``x_val``/``y_val``: held-out images for the validation loss and early stopping (None or empty: none).
+    ``resume_state``: a checkpoint payload (already checked with :func:`resume_mismatch`) to continue
+    from. ``on_checkpoint(state, payload)`` is called every ``checkpoint_every`` steps and at the
+    end with the resumable payload (built only when a callback is given; under DDP every rank must
+    pass one, since building it gathers all ranks' generator states). Returns the sampling
+    generator (the cVAE with its latent bank), the final state and a summary.
+    """
+    device = device if device is not None else resolve_device(config.device)
+    height, width, channels = x.shape[1:]
+    state = build_state(config, n_classes or int(np.max(y)) + 1, (channels, height, width), device, rank, world_size)
+    if resume_state is not None:
+        restore_state(state, resume_state)
+    wrap_parallel(state, device)
+    start_step = state.step
+    images, labels = to_tensor(x, device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    val_data = None
+    if x_val is not None and len(x_val):
+        val_data = (to_tensor(x_val, device), torch.from_numpy(np.asarray(y_val, dtype=np.int64)).to(device))
+    fingerprint = data_fingerprint(x, y) if on_checkpoint is not None else ""
+    session_start = last_save = time.perf_counter()
+
+    def checkpoint(current: TrainState) -> None:
+        nonlocal last_save
+        now = time.perf_counter()
+        current.train_seconds, last_save = current.train_seconds + (now - last_save), now
+        if on_checkpoint is not None:
+            on_checkpoint(current, checkpoint_payload(current, config, fingerprint))  # the payload checks weights are finite
+
+    train_loop(config, state, (images, labels), val_data, checkpoint, on_log)
+    wall = time.perf_counter() - session_start
+    generator = trained_generator(state, images, labels)
+    summary = training_summary(config, state, start_step, wall, device)
+    summary["pixel_diversity_ratio"] = pixel_diversity_ratio(generator, images, labels, seed=config.seed)
+    return generator, state, summary
 
 
-def _comparable(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in RESUMABLE_KEYS}
-
-
-def checkpoint_payload(state: TrainState, config: TrainConfig, fingerprint: str) -> dict:
-    tensors = [t for t in state.network.state_dict().values() if t.is_floating_point()]
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise TrainingError(f"non-finite weights at step {state.step}: refusing to write a checkpoint")
+def training_summary(config: TrainConfig, state: TrainState, start_step: int, wall: float, device: torch.device) -> dict:
+    """What ``summary.json`` reports of a (possibly resumed) run: steps, timings, throughput, final losses."""
     return {
-        "network": {k: v.detach().cpu() for k, v in state.network.state_dict().items()},
-        "optimizers": {name: opt.state_dict() for name, opt in state.optimizers.items()},
-        "rng": gather_rng_states(state),  # one per rank
-        "torch_rng": torch.get_rng_state(),
-        "step": state.step,
-        "history": state.history,
-        "evals": state.evals,
-        "running": state.running,
-        "best_val": state.best_val,
-        "bad_evals": state.bad_evals,
-        "train_seconds": state.train_seconds,
-        "config": config_to_dict(config),
-        "fingerprint": fingerprint,
+        "model": config.model,
+        "steps": state.step,
+        "resumed_from_step": start_step,
+        "stopped_early": state.step < config.steps,
+        "wall_time_s": wall,
+        "total_train_time_s": state.train_seconds,
+        "images_per_s": (state.step - start_step) * config.batch_size * state.world_size / max(wall, 1e-9),
+        "world_size": state.world_size,
+        "final_losses": pending_row(state) or (state.history[-1] if state.history else {}),
+        "final_val_loss": state.evals[-1]["val_loss"] if state.evals else None,
+        "device": str(device),
     }
 
 
-def gather_rng_states(state: TrainState) -> list[torch.Tensor]:
-    """Every rank's batch-generator state (a collective under DDP: all ranks call it)."""
-    if state.world_size == 1:
-        return [state.rng.get_state()]
-    states: list = [None] * state.world_size
-    dist.all_gather_object(states, state.rng.get_state())
-    return states
-
-
-def restore_state(state: TrainState, payload: dict) -> TrainState:
-    state.network.load_state_dict(payload["network"])
-    for name, optimizer in state.optimizers.items():
-        optimizer.load_state_dict(payload["optimizers"][name])
-    state.rng.set_state(payload["rng"][state.rank])
-    torch.set_rng_state(payload["torch_rng"])
-    state.step = int(payload["step"])
-    state.history, state.evals = list(payload["history"]), list(payload["evals"])
-    state.running = dict(payload["running"])
-    state.best_val, state.bad_evals = float(payload["best_val"]), int(payload["bad_evals"])
-    state.train_seconds = float(payload["train_seconds"])
-    return state
-
-
-def resume_mismatch(payload: dict, config: TrainConfig, fingerprint: str, world_size: int = 1) -> str | None:
-    """Why a checkpoint cannot be resumed (None when it can)."""
-    if payload.get("fingerprint") != fingerprint:
-        return "the training data changed"
-    if len(payload.get("rng", [])) != world_size:
-        return f"it was written by {len(payload.get('rng', []))} process(es), this run has {world_size}"
-    old, new = _comparable(payload.get("config", {})), _comparable(config_to_dict(config))
-    if old != new:
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        return f"train config changed ({', '.join(changed)})"
-    return None
+def trained_generator(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> models.ConditionalGenerator:
+    """The sampling generator of a trained network; a cVAE keeps its training images' codes for ``interpolate``."""
+    generator = models.as_generator(state.network, state.step)
+    if isinstance(state.network, cvae.CVAE):
+        generator.latent_bank = (cvae.encode_means(state.network, images, labels).cpu(), labels.cpu())
+    return generator
 
 
 # ------------------------------------------------------------------------------ I/O
@@ -302,18 +240,31 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def maybe_resume(state: TrainState, config: TrainConfig, checkpoint_path: Path, fingerprint: str, console: Console) -> None:
-    """Restore ``state`` from ``checkpoint_path`` when it exists and matches config and data."""
+def resumable_checkpoint(config: TrainConfig, checkpoint_path: Path, fingerprint: str, world_size: int, console: Console) -> dict | None:
+    """The checkpoint payload at ``checkpoint_path`` when it exists and matches config, data and world size."""
     if not checkpoint_path.is_file():
-        return
+        return None
     payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    reason = resume_mismatch(payload, config, fingerprint, state.world_size)
+    reason = resume_mismatch(payload, config, fingerprint, world_size)
     if reason is None:
-        restore_state(state, payload)
-        console.print(f"resuming {config.model} from step {state.step} ({checkpoint_path})")
-    else:
-        console.print(f"[yellow]{checkpoint_path}: {reason}; starting fresh[/yellow]")
-        shutil.rmtree(checkpoint_path.parent / "grids", ignore_errors=True)
+        console.print(f"resuming {config.model} from step {payload['step']} ({checkpoint_path})")
+        return payload
+    console.print(f"[yellow]{checkpoint_path}: {reason}; starting fresh[/yellow]")
+    shutil.rmtree(checkpoint_path.parent / "grids", ignore_errors=True)
+    return None
+
+
+def write_checkpoint(state: TrainState, payload: dict, checkpoint_path: Path, grids_dir: Path) -> None:
+    """Write the resumable ``payload`` and this step's sample grid. Every rank built the payload (it
+    gathers their batch-generator states); only rank 0 writes."""
+    if state.rank != 0:
+        return
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    grid = sample_grid(models.as_generator(state.network, state.step))
+    train_mode(state.network)
+    atomic_write_bytes(grids_dir / f"step-{state.step:05d}.png", _png_bytes(grid, 8))
+    atomic_write_bytes(checkpoint_path, buffer.getvalue())
 
 
 def write_outputs(out_dir: Path, generator, state: TrainState, config: TrainConfig, summary: dict, grids_dir: Path) -> None:
@@ -341,64 +292,28 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
     device = resolve_device(train_config.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    height, width, channels = prepared.image_shape
-    state = build_state(train_config, prepared.n_classes, (channels, height, width), device, rank, world_size)
-    fingerprint = data_fingerprint(prepared.train.x, prepared.train.y)
     checkpoint_dir = Path(checkpoints_root) / train_config.model
     checkpoint_path, grids_dir = checkpoint_dir / "last.pt", checkpoint_dir / "grids"
-    maybe_resume(state, train_config, checkpoint_path, fingerprint, console)
-    wrap_parallel(state, device)
-    start_step = state.step
-
-    images, labels = to_tensor(prepared.train.x, device), torch.from_numpy(prepared.train.y).to(device)
-    val_data = (to_tensor(prepared.val.x, device), torch.from_numpy(prepared.val.y).to(device))
-    session_start = last_save = time.perf_counter()
-
-    def on_checkpoint(current: TrainState) -> None:
-        nonlocal last_save
-        now = time.perf_counter()
-        current.train_seconds, last_save = current.train_seconds + (now - last_save), now
-        payload = checkpoint_payload(current, train_config, fingerprint)  # checks weights are finite
-        if rank != 0:
-            return
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        grid = sample_grid(models.as_generator(current.network, current.step))
-        train_mode(current.network)
-        atomic_write_bytes(grids_dir / f"step-{current.step:05d}.png", _png_bytes(grid, 8))
-        atomic_write_bytes(checkpoint_path, buffer.getvalue())
+    fingerprint = data_fingerprint(prepared.train.x, prepared.train.y)
+    resume = resumable_checkpoint(train_config, checkpoint_path, fingerprint, world_size, console)
 
     with _progress(console) as progress:
-        task = progress.add_task("", total=train_config.steps, completed=state.step)
+        task = progress.add_task("", total=train_config.steps, completed=resume["step"] if resume else 0)
 
         def on_log(current: TrainState, row: dict) -> None:
             text = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step")
             progress.update(task, completed=current.step, description=text)
 
-        train_loop(train_config, state, (images, labels), val_data, on_checkpoint, on_log)
+        generator, state, summary = fit_generator(
+            train_config, prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y, n_classes=prepared.n_classes,
+            on_checkpoint=functools.partial(write_checkpoint, checkpoint_path=checkpoint_path, grids_dir=grids_dir),
+            on_log=on_log, resume_state=resume, device=device, rank=rank, world_size=world_size,
+        )
         progress.update(task, completed=state.step)
-    wall = time.perf_counter() - session_start
-    summary = {
-        "model": train_config.model,
-        "steps": state.step,
-        "resumed_from_step": start_step,
-        "stopped_early": state.step < train_config.steps,
-        "wall_time_s": wall,
-        "total_train_time_s": state.train_seconds,
-        "images_per_s": (state.step - start_step) * train_config.batch_size * world_size / max(wall, 1e-9),
-        "world_size": world_size,
-        "final_losses": pending_row(state) or (state.history[-1] if state.history else {}),
-        "final_val_loss": state.evals[-1]["val_loss"] if state.evals else None,
-        "device": str(device),
-    }
     if rank == 0:
-        generator = models.as_generator(state.network, state.step)
-        if isinstance(state.network, cvae.CVAE):  # codes of the training images, for latent="interpolate" sampling
-            generator.latent_bank = (cvae.encode_means(state.network, images, labels).cpu(), labels.cpu())
-        summary["pixel_diversity_ratio"] = pixel_diversity_ratio(generator, images, labels, seed=train_config.seed)
         write_outputs(Path(models_root) / train_config.model, generator, state, train_config, summary, grids_dir)
         console.print(
-            f"trained {train_config.model} to step {state.step} in {wall:.1f}s "
+            f"trained {train_config.model} to step {state.step} in {summary['wall_time_s']:.1f}s "
             f"({summary['images_per_s']:.0f} img/s) -> {Path(models_root) / train_config.model}"
         )
     if world_size > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from synthgen.config import Config, ConfigError, config_to_dict, load_config
@@ -12,10 +13,22 @@ from synthgen.config import Config, ConfigError, config_to_dict, load_config
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
+def _leaves(tree, prefix: str = ""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
 def test_defaults_and_repo_params_load():
     assert load_config(None) == Config()
     config = load_config(PARAMS)
-    assert config.data.source == "digits" and config.train.model in ("cgan", "cvae")
+    # every value written in params.yaml is the value the stages get (none dropped, coerced or defaulted)
+    loaded = dict(_leaves(config_to_dict(config)))
+    written = dict(_leaves(yaml.safe_load(PARAMS.read_text())))
+    assert {key: (value, loaded.get(key, "<missing>")) for key, value in written.items() if loaded.get(key, "<missing>") != value} == {}
+    assert config.data.source == "digits"
     # every section round-trips through its plain-JSON form
     assert Config.model_validate(config_to_dict(config)) == config
 
@@ -35,7 +48,7 @@ def test_wrong_type_rejected_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=rf"{params}[\s\S]*train\.steps"):
         load_config(params)
     with pytest.raises(ConfigError, match=r"data\.val_per_class"):
-        load_config(None, ["data.val_per_class=0"])
+        load_config(None, ["data.val_per_class=-1"])
 
 
 def test_overrides_are_typed():

@@ -169,6 +169,29 @@ def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root,
     np.testing.assert_array_equal(seen[0][1], train.y)
 
 
+def test_in_memory_selection_matches_the_shard_path(tiny_prepared, models_root, pool_dir, tmp_path):
+    """select_candidates (the sampler's path) and run_rounds (the stage's) share one selection and top-up loop."""
+    config = tiny_config(**{"filter.classifier": "false", "filter.discriminator_quantile": 0.0, "filter.novelty_threshold": 0.0})
+    prepared = load_prepared(tiny_prepared)
+    model_path = generate.model_path_for(config, models_root)
+    model = generate.load_model(model_path, "cpu")
+    fitted = flt.fit_filters(config.filter, prepared, model, "cpu")
+    quotas = generate.compute_quotas(prepared.train.counts(), config.generate)
+    shard_table, shards, shard_history = flt.run_rounds(pool_dir, tmp_path / "work", fitted, quotas, config.generate, model_path, "cpu")
+
+    def draw(requests, first_id):
+        return generate.generate_candidates(model, requests, first_id, config.generate, "cpu")
+
+    accepted, table, history = flt.select_candidates(draw, fitted, quotas, config.generate)
+    assert history == shard_history and len(history) >= 1  # the D filter rejected enough to need top-ups
+    pd.testing.assert_frame_equal(table.drop(columns="shard"), shard_table.drop(columns="shard"))
+    on_disk = {key: np.concatenate([artifacts.read_shard(path)[key] for path in shards]) for key in ("x", "y", "sample_id")}
+    keep = np.isin(on_disk["sample_id"], table.loc[table["accepted"], "sample_id"])
+    assert 0 < keep.sum() == len(accepted["y"])
+    for key in ("x", "y", "sample_id"):
+        np.testing.assert_array_equal(accepted[key], on_disk[key][keep])
+
+
 def test_cvae_has_no_discriminator_filter(tiny_prepared, models_root, pool_dir, tmp_path):
     summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"train.model": "cvae", "generate.max_rounds": 1})
     assert summary["filters"]["discriminator"] == "n/a"

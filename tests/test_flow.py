@@ -13,9 +13,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from flows.augment import FAIL_ONCE_VARIABLE, STAGES, FlowParams, StageFailed, apply_params, augment
+from flows.augment import FAIL_ONCE_VARIABLE, STAGES, FlowParams, StageFailed, apply_params, augment, build_deployment
 from synthgen.config import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST_RETRIES = {"retries": 2, "retry_delay_seconds": [0.1]}
 
 
@@ -62,10 +63,37 @@ def test_apply_params_keeps_comments_and_rejects_bad_keys(tmp_path):
     assert params_path.read_text() == before  # nothing written on error
     assert apply_params(params_path, ["filter.classifier_threshold=0.9", "data.source=data/raw/x"]) is True
     text = params_path.read_text()
-    assert "# synthgen parameters" in text and "# scarce training images per class" in text
+    comments = [line[line.index("#"):].strip() for line in before.splitlines() if "#" in line]
+    assert len(comments) > 10 and [c for c in comments if c not in text] == []  # every comment kept, verbatim
     loaded = yaml.safe_load(text)
     assert loaded["filter"]["classifier_threshold"] == 0.9 and loaded["data"]["source"] == "data/raw/x"
     assert apply_params(params_path, ["filter.classifier_threshold=0.9"]) is False
+
+
+def test_serve_builds_a_cron_deployment_of_the_flow_for_this_project(tmp_path, monkeypatch):
+    """`synthgen serve` hands prefect.serve a deployment of `augment` on the cron, for the cwd; nothing is started."""
+    from typer.testing import CliRunner
+
+    import prefect
+    from synthgen.cli import app
+
+    served = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, **kwargs: served.extend(deployments))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["serve", "--cron", "15 2 * * 1", "--name", "weekly-test"])
+    assert result.exit_code == 0, result.output
+    (deployment,) = served
+    assert deployment.name == "weekly-test" and deployment.flow_name == "synthgen-augment"
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "15 2 * * 1" and schedule.active
+    path, _, function = deployment.entrypoint.rpartition(":")
+    assert function == "augment" and (tmp_path / path).resolve() == ROOT / "flows" / "augment.py"
+    assert deployment.parameters == {"params": {"project_dir": str(tmp_path.resolve())}}
+    FlowParams(**deployment.parameters["params"])  # what a scheduled run will validate
+    assert build_deployment().schedules[0].schedule.cron == "0 3 * * *"  # the CLI's default: nightly at 03:00
+
+    bad = CliRunner().invoke(app, ["serve", "--cron", "every night"])
+    assert bad.exit_code == 2 and "invalid cron schedule 'every night'" in bad.output and len(served) == 1
 
 
 # ------------------------------------------------------------------ flow runs

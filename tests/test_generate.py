@@ -148,6 +148,31 @@ def test_cli_generate_and_its_user_errors(tiny_prepared, models_root, tmp_path):
     assert bad.exit_code == 2 and "generate_summary.json" in bad.output
 
 
+def test_filter_refuses_a_pool_generated_for_other_classes(tiny_prepared, models_root, tmp_path):
+    """filter.main checks the pool's class names against the prepared data before fitting anything."""
+    import shutil
+
+    from synthgen import filter as filter_stage
+    from synthgen.io import write_json
+
+    pool = tmp_path / "pool"
+    generate.main(tiny_config(), tiny_prepared, models_root, pool)
+    renamed = tmp_path / "renamed"  # the same images, class names of another dataset
+    shutil.copytree(tiny_prepared, renamed)
+    meta = read_json(renamed / "meta.json")
+    write_json(renamed / "meta.json", {**meta, "class_names": [f"letter-{c}" for c in meta["class_names"]]})
+    out = tmp_path / "synthetic"
+    with pytest.raises(DataError, match=r"was generated for classes \['0', '1'.*the prepared data has \['letter-0'"):
+        filter_stage.main(tiny_config(), renamed, models_root, pool, out)
+    assert not out.exists()
+    reordered = tmp_path / "reordered"  # same names, other order: class k would mean another class
+    shutil.copytree(tiny_prepared, reordered)
+    write_json(reordered / "meta.json", {**meta, "class_names": list(reversed(meta["class_names"]))})
+    with pytest.raises(DataError, match="was generated for classes"):
+        filter_stage.main(tiny_config(), reordered, models_root, pool, out)
+    assert not out.exists()
+
+
 def test_latent_mode_resolution_and_interpolated_pool(tiny_prepared, models_root, tmp_path):
     gan = build_generator("cgan", 10, (1, 8, 8), base_channels=8)
     assert generate.resolve_latent("auto", gan) == "prior"

@@ -241,7 +241,7 @@ def test_no_import_cycles_among_project_modules(project):
 
 
 # --------------------------------------------------------------------------------- real DVC
-def test_a_generator_edit_marks_exactly_the_stages_that_run_it(pipeline_repo, dvc, sh, restore_committed, project):
+def test_a_generator_edit_marks_exactly_the_stages_that_run_it(pipeline_repo, dvc, restore_committed, project):
     """Append a comment to models/cvae.py in the reproduced tiny project: `dvc status` names the stages to redo.
 
     The stages whose closure holds cvae.py (train; generate and filter through ``synthgen.models``;

@@ -44,12 +44,12 @@ def test_near_copy_mask_flags_copies_not_novel_images(tiny_prepared):
 def test_generator_quality_on_held_out_real(tiny_prepared):
     prepared = load_prepared(tiny_prepared)
     config = EvaluateConfig(steps=40, batch_size=32, width=8, device="cpu")
-    result = quality.generator_quality(prepared, prepared.val, config, novelty_threshold=0.5)
+    result = quality.generator_quality(prepared, prepared.val, config, novelty_threshold=0.5, steps=40)
     assert {"cas", "frechet", "precision", "recall", "near_copy_fraction", "per_class"} <= set(result)
-    assert 0.0 <= result["cas"]["balanced_accuracy"] <= 1.0 and result["cas"]["accuracy"] > 0.2  # chance is 0.1
+    assert result["cas"]["balanced_accuracy"] > 0.2 and result["cas"]["accuracy"] > 0.2  # chance is 0.1
     assert len(result["per_class"]) == prepared.n_classes
     assert result["near_copy_fraction"] == 0.0  # val images are real but not copies of train
     noise = LabeledImages(np.random.default_rng(0).integers(0, 256, prepared.val.x.shape, dtype=np.uint8), prepared.val.y, prepared.class_names)
-    worse = quality.generator_quality(prepared, noise, config, novelty_threshold=0.5)
+    worse = quality.generator_quality(prepared, noise, config, novelty_threshold=0.5, steps=40)
     assert worse["frechet"] > result["frechet"]
     assert worse["cas"]["accuracy"] < result["cas"]["accuracy"]

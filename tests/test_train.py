@@ -116,6 +116,79 @@ def test_changed_config_starts_fresh(prepared_dir, tmp_path, capsys):
     assert "train config changed (cgan)" in capsys.readouterr().err.replace("\n", " ")
 
 
+def _prepared(out: Path, train_seed: int, val_per_class: int) -> Path:
+    meta = {"class_names": ["a", "b", "c", "d"], "image_shape": [8, 8, 1], "source": "quadrants"}
+    save_prepared(out, PreparedData(quadrant_images(10, train_seed), quadrant_images(val_per_class, 1),
+                                    quadrant_images(3, 2), meta))
+    return out
+
+
+def _scripted_val_losses(monkeypatch, values: list[float]) -> list[int]:
+    """Make the validation loss return ``values`` in turn; returns the list of steps it was evaluated at."""
+    losses, steps = iter(values), []
+
+    def scripted(config, state, images, labels):
+        steps.append(state.step)
+        return next(losses)
+
+    monkeypatch.setattr(train, "validation_loss", scripted)
+    return steps
+
+
+def test_early_stopping_stops_when_val_loss_stops_improving(prepared_dir, tmp_path, monkeypatch):
+    # best at the 2nd evaluation (step 10), then two evaluations without improvement: stop at step 20 of 100
+    evaluated = _scripted_val_losses(monkeypatch, [1.0, 0.5, 0.6, 0.55] + [0.1] * 20)
+    summary = run_main(prepared_dir, tmp_path, "train.steps=100", "train.eval_every=5", "train.early_stopping_patience=2",
+                       "train.checkpoint_every=50")
+    assert evaluated == [5, 10, 15, 20]
+    assert summary["steps"] == 20 and summary["stopped_early"] is True and summary["final_val_loss"] == 0.55
+    losses = pd.read_csv(tmp_path / "models/cgan/losses.csv")
+    assert losses.dropna(subset=["val_loss"])["step"].tolist() == [5, 10, 15, 20]
+    assert load_generator(tmp_path / "models/cgan/generator.pt").step == 20
+    # the stop is checkpointed, so a rerun with the same config has nothing left to do
+    assert torch.load(tmp_path / "checkpoints/cgan/last.pt", weights_only=True)["step"] == 20
+
+
+def test_no_early_stop_while_val_loss_improves_or_without_patience(prepared_dir, tmp_path, monkeypatch):
+    _scripted_val_losses(monkeypatch, [1.0 - 0.01 * i for i in range(20)])
+    improving = run_main(prepared_dir, tmp_path / "improving", "train.steps=40", "train.eval_every=5",
+                         "train.early_stopping_patience=1")
+    assert improving["steps"] == 40 and improving["stopped_early"] is False
+    _scripted_val_losses(monkeypatch, [1.0] * 20)  # flat, but patience null: never stop
+    flat = run_main(prepared_dir, tmp_path / "flat", "train.steps=40", "train.eval_every=5")
+    assert flat["steps"] == 40 and flat["stopped_early"] is False
+
+
+def test_early_stopping_needs_a_val_split(tmp_path, monkeypatch):
+    """Without val images there is no val loss: patience is inert and training runs all its steps."""
+    evaluated = _scripted_val_losses(monkeypatch, [1.0] * 20)
+    no_val = _prepared(tmp_path / "prepared", train_seed=0, val_per_class=0)
+    summary = run_main(no_val, tmp_path, "train.steps=30", "train.eval_every=5", "train.early_stopping_patience=1")
+    assert evaluated == [] and summary["steps"] == 30 and summary["final_val_loss"] is None
+    assert "val_loss" not in pd.read_csv(tmp_path / "models/cgan/losses.csv")
+
+
+def test_resume_is_refused_when_the_training_data_changed(tmp_path, capsys):
+    first = _prepared(tmp_path / "first", train_seed=0, val_per_class=3)
+    other = _prepared(tmp_path / "other", train_seed=5, val_per_class=3)  # same shapes and labels, other pixels
+    run_main(first, tmp_path, "train.steps=10")
+    payload = torch.load(tmp_path / "checkpoints/cgan/last.pt", weights_only=True)
+    config = load_config(None, [*TINY, "train.steps=20"]).train
+    same = np.load(first / "train.npz")
+    changed = np.load(other / "train.npz")
+    assert train.resume_mismatch(payload, config, train.data_fingerprint(same["x"], same["y"])) is None
+    assert "training data changed" in train.resume_mismatch(payload, config, train.data_fingerprint(changed["x"], changed["y"]))
+    relabelled = train.data_fingerprint(same["x"], np.roll(same["y"], 1))  # same pixels, other labels
+    assert "training data changed" in train.resume_mismatch(payload, config, relabelled)
+    assert "process" in train.resume_mismatch(payload, config, train.data_fingerprint(same["x"], same["y"]), world_size=2)
+    capsys.readouterr()
+    summary = run_main(other, tmp_path, "train.steps=20")
+    assert summary["resumed_from_step"] == 0 and summary["steps"] == 20
+    assert "training data changed" in capsys.readouterr().err.replace("\n", " ")
+    resumed = run_main(other, tmp_path, "train.steps=30")  # its own checkpoint is resumed
+    assert resumed["resumed_from_step"] == 20
+
+
 def _cli(tmp_path: Path, prepared_dir: Path, root: Path, steps: int) -> list[str]:
     overrides = [*TINY, f"train.steps={steps}", "train.checkpoint_every=10"]
     return [sys.executable, "-m", "synthgen.cli", "train", "--prepared", str(prepared_dir), "--out", str(root / "models"),

@@ -99,10 +99,10 @@ class ConditionalGenerator:
 
     @torch.inference_mode()
     def sample(self, class_labels: torch.Tensor, generator: torch.Generator | None = None,
-               latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE) -> torch.Tensor:
+               latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE, borrow_below: int = 0) -> torch.Tensor:
         """(N,) class ids -> (N, C, H, W) float32 images in [-1, 1]. Noise is drawn from ``generator``
         on its own device (a CPU generator gives the same noise on every device). ``latent``:
-        ``prior`` or ``interpolate`` (module docstring)."""
+        ``prior`` or ``interpolate`` (module docstring); ``borrow_below``: see :func:`interpolate_codes`."""
         labels = torch.as_tensor(class_labels, dtype=torch.long)
         if labels.ndim != 1:
             raise ValueError(f"class_labels must be 1-D, got shape {tuple(labels.shape)}")
@@ -114,7 +114,7 @@ class ConditionalGenerator:
         if latent == "interpolate":
             if not self.can_interpolate:
                 raise ValueError(f"latent='interpolate' needs a latent bank of encoded training images (a cVAE); this {self.kind} has none")
-            noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), latent_noise, generator)
+            noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), latent_noise, generator, borrow_below)
         elif latent != "prior":
             raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
         noise, labels = noise.to(device), labels.to(device)
@@ -153,25 +153,34 @@ def _map_rows(fn, rows: int, *tensors: torch.Tensor) -> torch.Tensor | None:
 
 
 def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, noise: torch.Tensor,
-                      latent_noise: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Latents between two random bank codes of each row's class, plus ``latent_noise`` x ``noise``.
+                      latent_noise: float, generator: torch.Generator | None, borrow_below: int = 0) -> torch.Tensor:
+    """Latents between two bank codes for each row's class, plus ``latent_noise`` x ``noise``.
 
     ``bank`` = (codes (M, D), code labels (M,)); ``labels`` (N,); ``noise`` (N, D) standard normal.
-    Rows whose class has fewer than ``MIN_CODES_TO_INTERPOLATE`` codes keep ``noise`` itself (prior
-    sampling): around a single code the decoder reproduces that one image. All draws come from
-    ``generator`` (on the CPU), so the result depends only on its state.
+    A class with at least ``max(2, borrow_below)`` codes interpolates between two of its own codes.
+    A rarer class with at least one code, when ``borrow_below`` > 0, interpolates between one of its
+    own codes and a code of ANY class (style transfer: the cVAE's code holds what the label does
+    not, such as slant and thickness, so a head-class code decoded with the rare label lends the
+    rare class variety its one or two images lack). Otherwise the row keeps ``noise`` (prior
+    sampling): around a single code the decoder only reproduces that one image. All draws come
+    from ``generator`` (on the CPU), so the result depends only on its state.
     """
     codes, code_labels = bank
     gen_device = generator.device if generator is not None else torch.device("cpu")
     picks = torch.rand(len(labels), 3, generator=generator, device=gen_device).cpu()  # (N, 3): first, second, t
     z = noise.clone()
+    everyone = torch.arange(len(code_labels))
     for label in labels.unique().tolist():
         rows = torch.nonzero(labels == label).flatten()
         members = torch.nonzero(code_labels == label).flatten()
-        if len(members) < MIN_CODES_TO_INTERPOLATE:
+        if len(members) >= max(MIN_CODES_TO_INTERPOLATE, borrow_below):
+            partners = members
+        elif borrow_below > 0 and len(members) >= 1:
+            partners = everyone
+        else:
             continue
         first = members[(picks[rows, 0] * len(members)).long().clamp_max(len(members) - 1)]
-        second = members[(picks[rows, 1] * len(members)).long().clamp_max(len(members) - 1)]
+        second = partners[(picks[rows, 1] * len(partners)).long().clamp_max(len(partners) - 1)]
         t = picks[rows, 2:3]
         z[rows] = (1 - t) * codes[first] + t * codes[second] + latent_noise * noise[rows]
     return z

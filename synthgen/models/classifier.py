@@ -116,6 +116,8 @@ def training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets,
     if sample_weight is not None and np.shape(sample_weight) != (len(y),):
         raise ValueError(f"sample_weight must have shape {(len(y),)}, got {np.shape(sample_weight)}")
     n_classes = n_classes or int(y.max()) + 1
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {y.min()}..{y.max()}")
     probs = np.ones(len(y)) if not balanced else 1.0 / np.bincount(y, minlength=n_classes)[y]
     probs = probs / probs.sum()
     if soft_targets is None:  # (N, K) probabilities: one-hot unless a teacher's soft labels are given
@@ -138,7 +140,9 @@ def train_group(data: TrainingData, recipe: ensemble.Recipe, seeds: list[int]) -
     """THE training loop: the members ``seeds`` as one grouped network; returns it (eval mode) and each member's last loss."""
     image_size, device = tuple(data.images.shape[2:]), data.device
     states = [seeded_cnn(data.config, image_size, seed).state_dict() for seed in seeds]
-    model = ensemble.GroupedCNN.from_member_states(data.config, image_size, states).to(device)
+    # channels_last: the grouped convs and pools run 1.2-1.5x faster on the CPU (measured, 2 cores); untested elsewhere
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    model = ensemble.GroupedCNN.from_member_states(data.config, image_size, states).to(device, memory_format=layout)
     batch_rngs = [torch.Generator().manual_seed(seed) for seed in seeds]
     noise_rngs = [torch.Generator().manual_seed(ensemble.stream_seed(seed, ensemble.NOISE_STREAM)) for seed in seeds]
     # AdamW and OneCycleLR act element-wise, so one optimizer over the grouped weights is E independent ones
@@ -155,7 +159,7 @@ def train_group(data: TrainingData, recipe: ensemble.Recipe, seeds: list[int]) -
         if recipe.mixup_alpha > 0:  # after augmentation; weights mix like the targets
             inputs, targets, weights = (ensemble.mix(v, draws["lam"], draws["partner"]) for v in (inputs, targets, weights))
         with autocast(device):
-            logits = model(ensemble.interleave(inputs), draws["keep"]).float()  # (E, B, K)
+            logits = model(ensemble.interleave(inputs).contiguous(memory_format=layout), draws["keep"]).float()  # (E, B, K)
         if recipe.loss == "logit_adjusted":
             logits = ensemble.adjust_logits(logits, data.prior, recipe.logit_adjust_tau)
         losses = ensemble.member_losses(logits, targets, weights, recipe.label_smoothing)

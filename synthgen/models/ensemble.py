@@ -80,7 +80,8 @@ class GroupedCNN(nn.Module):
     @classmethod
     def from_member_states(cls, config, image_size: tuple[int, int], states: list[dict]) -> "GroupedCNN":
         """Stack SmallCNN state dicts (member e = ``states[e]``) into one grouped network."""
-        model = cls(config, image_size, len(states))
+        with torch.random.fork_rng(devices=[]):  # the convs' own init draws would move torch's global RNG
+            model = cls(config, image_size, len(states))
         stacked = {}
         for key, value in model.body.state_dict().items():
             parts = [state[f"body.{key}"] for state in states]

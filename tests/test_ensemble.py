@@ -1,0 +1,180 @@
+"""The batched training loop (fit_members): batched = one at a time = lone CNNClassifier, per-seed independence,
+logit adjustment, mixup, and CNNClassifier's estimator basics (tiny CPU models, a few seconds in all)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.utils.estimator_checks import check_get_params_invariance, check_no_attributes_set_in_init, check_set_params
+
+from synthgen.models import classifier, ensemble
+from synthgen.models.classifier import CNNClassifier, fit_members
+
+# The batched and one-at-a-time runs differ only in float rounding (grouped vs plain conv kernels), but a
+# rounding-level difference can flip a max-pool tie and route one gradient elsewhere, after which Adam
+# carries it: measured up to 5e-5 here (2 cores, channels_last). A wrong RNG stream or a leak between
+# members moves probabilities by 1e-2 or more.
+ROUNDING = 5e-4
+TINY = dict(n_classes=3, width=8, steps=15, batch_size=16, device="cpu")
+RECIPE = dict(TINY, augment=True, balanced=True, mixup_alpha=0.2, loss="logit_adjusted")
+
+
+@pytest.fixture(scope="module")
+def images():
+    """40 random 8x8 grey images, 3 classes."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 3
+
+
+@pytest.fixture(scope="module")
+def batched(images):
+    return fit_members(*images, seeds=[0, 1, 2], **RECIPE)
+
+
+def test_batched_equals_one_at_a_time_and_lone_classifiers(images, batched):
+    X, y = images
+    lone = fit_members(X, y, seeds=[0, 1, 2], batched=False, **RECIPE)
+    proba = batched.predict_proba(X)
+    assert proba.shape == (3, 40, 3) and batched.predict(X).shape == (3, 40) and batched.seeds == [0, 1, 2]
+    np.testing.assert_allclose(proba.sum(axis=2), 1.0, atol=1e-5)
+    np.testing.assert_allclose(proba, lone.predict_proba(X), atol=ROUNDING, rtol=0)
+    for e, seed in enumerate([0, 1, 2]):
+        alone = CNNClassifier(random_state=seed, **RECIPE).fit(X, y)
+        for key, value in alone.model_.state_dict().items():  # the same loop with E = 1: the same weights
+            torch.testing.assert_close(lone.member(e).state_dict()[key], value, atol=0, rtol=0)
+        np.testing.assert_allclose(alone.predict_proba(X), proba[e], atol=ROUNDING, rtol=0)
+        with torch.no_grad():  # member(e) is the grouped network's member e as a plain SmallCNN
+            plain = torch.softmax(batched.member(e)(torch.from_numpy(X).permute(0, 3, 1, 2).float() / 127.5 - 1), dim=1)
+        np.testing.assert_allclose(plain.numpy(), proba[e], atol=1e-5, rtol=0)
+
+
+def test_member_init_is_the_lone_classifier_init(images):
+    X, y = images
+    config = classifier.SmallCNNConfig(1, 3, 8)
+    states = [classifier.seeded_cnn(config, (8, 8), seed).state_dict() for seed in (4, 9)]
+    grouped = ensemble.GroupedCNN.from_member_states(config, (8, 8), states)
+    torch.manual_seed(9)  # what CNNClassifier(random_state=9) used to do before building its CNN
+    reference = classifier.SmallCNN(config, (8, 8)).state_dict()
+    for key, value in grouped.member_state(1).items():
+        torch.testing.assert_close(value, reference[key], atol=0, rtol=0)
+
+
+def test_different_seeds_give_different_members_and_equal_seeds_equal_ones(images, batched):
+    X, y = images
+    proba = batched.predict_proba(X)
+    assert np.abs(proba[0] - proba[1]).max() > 1e-2 and np.abs(proba[1] - proba[2]).max() > 1e-2
+    twins = fit_members(X, y, seeds=[7, 7], **RECIPE).predict_proba(X)
+    np.testing.assert_allclose(twins[0], twins[1], atol=1e-6, rtol=0)
+
+
+def test_training_leaves_the_global_rng_alone(images):
+    state = torch.get_rng_state()
+    fit_members(*images, seeds=[0], **dict(TINY, steps=2, augment=True))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_predict_proba_chunks_rows_without_changing_them(images, batched, monkeypatch):
+    X, _ = images
+    whole = batched.predict_proba(X)
+    monkeypatch.setattr(classifier, "inference_rows", lambda device, n, size: 7)
+    np.testing.assert_allclose(batched.predict_proba(X), whole, atol=1e-6, rtol=0)
+    assert batched.predict_proba(X[:0]).shape == (3, 0, 3)
+
+
+# ------------------------------------------------------------------- logit adjustment
+def test_logit_adjustment_adds_the_log_training_prior():
+    y = np.array([0] * 90 + [1] * 10)
+    uniform_rows = np.full(100, 0.01)
+    prior = ensemble.sampling_prior(y, uniform_rows, 2)
+    np.testing.assert_allclose(prior, [0.9, 0.1])
+    raw = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    adjusted = ensemble.adjust_logits(raw, torch.tensor(prior, dtype=torch.float32), tau=1.0)
+    torch.testing.assert_close(adjusted, raw + torch.log(torch.tensor([0.9, 0.1])))
+    half = ensemble.adjust_logits(raw, torch.tensor(prior, dtype=torch.float32), tau=0.5)
+    torch.testing.assert_close(half, raw + 0.5 * torch.log(torch.tensor([0.9, 0.1])))
+    weighted = ensemble.sampling_prior(y, uniform_rows, 2, sample_weight=np.where(y == 1, 9.0, 1.0))
+    np.testing.assert_allclose(weighted, [0.5, 0.5])  # rows weighted 9x count 9x
+    assert ensemble.sampling_prior(y, uniform_rows, 3)[2] == 0  # a class never drawn: log clamped at 1e-12
+    assert torch.isfinite(ensemble.adjust_logits(raw[:, :1].repeat(1, 3), torch.tensor([0.9, 0.1, 0.0]), 1.0)).all()
+
+
+def test_balanced_sampling_makes_logit_adjustment_a_no_op():
+    y = np.array([0] * 90 + [1] * 10)
+    balanced_rows = 1.0 / np.bincount(y)[y] / 2
+    prior = torch.tensor(ensemble.sampling_prior(y, balanced_rows, 2), dtype=torch.float32)
+    torch.testing.assert_close(prior, torch.tensor([0.5, 0.5]))
+    logits, targets = torch.randn(1, 6, 2), torch.eye(2)[torch.tensor([0, 1, 1, 0, 1, 0])][None]
+    weights = torch.ones(1, 6)
+    adjusted = ensemble.member_losses(ensemble.adjust_logits(logits, prior, 1.0), targets, weights, 0.0)
+    torch.testing.assert_close(adjusted, ensemble.member_losses(logits, targets, weights, 0.0))
+
+
+def test_the_loop_trains_on_adjusted_logits_and_predicts_with_raw_ones():
+    # random images carry no signal, so a CE model predicts the 9:1 prior; trained on logits + log(prior)
+    # the raw logits forget it (Balanced Softmax) and the minority class gets about half the mass
+    rng = np.random.default_rng(1)
+    X, y = rng.integers(0, 256, size=(100, 8, 8, 1), dtype=np.uint8), np.array([0] * 90 + [1] * 10)
+    settings = dict(TINY, n_classes=2, steps=60)
+    plain = fit_members(X, y, [0], loss="ce", **settings).predict_proba(X)[0, :, 1].mean()
+    adjusted = fit_members(X, y, [0], loss="logit_adjusted", **settings).predict_proba(X)[0, :, 1].mean()
+    assert plain < 0.25 < adjusted
+    balanced = dict(settings, balanced=True, steps=10)
+    np.testing.assert_allclose(fit_members(X, y, [0], loss="logit_adjusted", **balanced).predict_proba(X),
+                               fit_members(X, y, [0], loss="ce", **balanced).predict_proba(X), atol=ROUNDING, rtol=0)
+
+
+def test_weighted_member_losses_are_per_member_weighted_means():
+    logits, targets = torch.randn(2, 4, 3), torch.eye(3)[torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])]
+    weights = torch.tensor([[1.0, 0.0, 2.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    per_row = -(targets * logits.log_softmax(dim=2)).sum(dim=2)
+    expected = (per_row * weights).sum(dim=1) / weights.sum(dim=1)
+    torch.testing.assert_close(ensemble.member_losses(logits, targets, weights, 0.0), expected)
+
+
+# ------------------------------------------------------------------------------ mixup
+def test_mixup_targets_are_convex_combinations_of_two_one_hot_rows():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    one_hot = torch.eye(4)[labels]  # (E=1, B=8, K=4)
+    lam, partner = (value[None] for value in ensemble.draw_mixup(8, 0.4, generator))
+    assert sorted(partner[0].tolist()) == list(range(8)) and ((lam >= 0) & (lam <= 1)).all()
+    assert (lam < 0.99).any() and (lam > 0.01).any()
+    mixed = ensemble.mix(one_hot, lam, partner)
+    torch.testing.assert_close(mixed.sum(dim=2), torch.ones(1, 8))
+    low, high = torch.minimum(one_hot, one_hot[:, partner[0]]), torch.maximum(one_hot, one_hot[:, partner[0]])
+    assert ((mixed >= low - 1e-6) & (mixed <= high + 1e-6)).all()
+    images = torch.randn(1, 8, 1, 4, 4)  # inputs mix with the same lam and partner
+    torch.testing.assert_close(ensemble.mix(images, lam, partner)[0, 3],
+                               lam[0, 3] * images[0, 3] + (1 - lam[0, 3]) * images[0, partner[0, 3]])
+
+
+def test_mixup_alpha_zero_means_no_mixing_and_no_draws():
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    lam, partner = ensemble.draw_mixup(8, 0.0, generator)
+    assert torch.equal(generator.get_state(), state)
+    one_hot = torch.eye(4)[torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])]
+    assert torch.equal(ensemble.mix(one_hot, lam[None], partner[None]), one_hot)
+
+
+# -------------------------------------------------------------------------- estimator
+def test_cnn_classifier_fits_predicts_and_keeps_the_estimator_rules(images):
+    X, y = images
+    model = CNNClassifier(loss="logit_adjusted", mixup_alpha=0.2, logit_adjust_tau=0.5, **TINY)
+    assert {"loss", "logit_adjust_tau", "mixup_alpha"} <= set(model.get_params())
+    copy = clone(model)
+    assert copy.get_params() == model.get_params() and not hasattr(copy, "model_")
+    assert model.fit(X, y) is model
+    assert model.predict(X).shape == (40,) and model.predict_proba(X).shape == (40, 3)
+    assert model.transform(X).shape == (40, 128) and np.isfinite(model.final_loss_)
+    assert model.classes_.tolist() == [0, 1, 2] and model.image_shape_ == (8, 8, 1) and model.device_.type == "cpu"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.inference_model_.modules())
+    check_no_attributes_set_in_init("CNNClassifier", CNNClassifier())
+    check_get_params_invariance("CNNClassifier", CNNClassifier())
+    check_set_params("CNNClassifier", CNNClassifier())
+    with pytest.raises(ValueError, match="unknown loss"):
+        CNNClassifier(loss="focal", **TINY).fit(X, y)
+    with pytest.raises(ValueError, match="sample_weight must have shape"):
+        CNNClassifier(**TINY).fit(X, y, sample_weight=np.ones(3))
