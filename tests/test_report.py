@@ -17,14 +17,18 @@ FAST = EvaluateConfig(steps=6, seeds=2, batch_size=16, width=8, device="cpu", qu
 def metrics(tiny_prepared):
     prepared = load_prepared(tiny_prepared)
     results = evaluate.run_arms(prepared.train, prepared.test, prepared.val, None, FAST)
-    return evaluate.metrics_payload(results, None, FAST)
+    return evaluate.details_payload(results, None, FAST)
 
 
 def test_summary_tables_have_every_arm_and_class(metrics):
     gains_rows, per_class_rows = report.summary_tables(metrics, [f"digit{c}" for c in range(10)])
-    assert [row["arm"] for row in gains_rows] == list(evaluate.BASELINE_ARMS + evaluate.SYNTHETIC_ARMS)
-    best = next(row for row in gains_rows if row["arm"] == metrics["best_baseline"])
-    assert best["gain vs best baseline (points)"] == "best baseline"
+    best = metrics["best_baseline"]
+    expected = list(FAST.recipes) + [f"{best}+synthetic"] + (["real+synthetic"] if best != "real" else [])
+    assert [row["arm"] for row in gains_rows] == expected
+    selected = next(row for row in gains_rows if row["arm"] == best)
+    assert selected["gain vs selected recipe (points)"] == "selected recipe"
+    treatment = next(row for row in gains_rows if row["arm"] == f"{best}+synthetic")
+    assert treatment["gain vs selected recipe (points)"].startswith(("+", "-"))
     assert [row["class"] for row in per_class_rows] == [f"digit{c}" for c in range(10)]
     assert set(per_class_rows[0]) == {"class", *metrics["arms"]}
 
@@ -38,7 +42,8 @@ def test_render_markdown_has_verdict_and_tables(metrics, tiny_prepared):
     text = report.render_markdown(metrics, card)
     assert f"**Verdict: {metrics['verdict']}**" in text
     assert "| arm | balanced accuracy % [95% CI] |" in text
-    assert "| real+synthetic+classic |" in text
+    assert f"| {metrics['best_baseline']}+synthetic |" in text
+    assert "chosen on your training images" in text and "out-of-fold balanced accuracy" in text
     assert "ab" * 32 in text and "| 0 | 3 | 6 | 3 | 0.25 |" in text
     assert "## Limitations" in text
 
