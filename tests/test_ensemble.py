@@ -18,7 +18,8 @@ from synthgen.models.classifier import CNNClassifier, fit_members
 # members moves probabilities by 1e-2 or more.
 ROUNDING = 5e-4
 TINY = dict(n_classes=3, width=8, steps=15, batch_size=16, device="cpu")
-RECIPE = dict(TINY, augment=True, balanced=True, mixup_alpha=0.2, loss="logit_adjusted")
+RECIPE = dict(TINY, augment=True, balanced=True, mixup_alpha=0.2, loss="logit_adjusted", label_smoothing=0.1)
+WEIGHTS = np.linspace(0.5, 2.0, 40)
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +31,18 @@ def images():
 
 @pytest.fixture(scope="module")
 def batched(images):
-    return fit_members(*images, seeds=[0, 1, 2], **RECIPE)
+    return fit_members(*images, seeds=[0, 1, 2], sample_weight=WEIGHTS, **RECIPE)
 
 
 def test_batched_equals_one_at_a_time_and_lone_classifiers(images, batched):
     X, y = images
-    lone = fit_members(X, y, seeds=[0, 1, 2], batched=False, **RECIPE)
+    lone = fit_members(X, y, seeds=[0, 1, 2], batched=False, sample_weight=WEIGHTS, **RECIPE)
     proba = batched.predict_proba(X)
     assert proba.shape == (3, 40, 3) and batched.predict(X).shape == (3, 40) and batched.seeds == [0, 1, 2]
     np.testing.assert_allclose(proba.sum(axis=2), 1.0, atol=1e-5)
     np.testing.assert_allclose(proba, lone.predict_proba(X), atol=ROUNDING, rtol=0)
     for e, seed in enumerate([0, 1, 2]):
-        alone = CNNClassifier(random_state=seed, **RECIPE).fit(X, y)
+        alone = CNNClassifier(random_state=seed, **RECIPE).fit(X, y, sample_weight=WEIGHTS)
         for key, value in alone.model_.state_dict().items():  # the same loop with E = 1: the same weights
             torch.testing.assert_close(lone.member(e).state_dict()[key], value, atol=0, rtol=0)
         np.testing.assert_allclose(alone.predict_proba(X), proba[e], atol=ROUNDING, rtol=0)
@@ -65,7 +66,7 @@ def test_different_seeds_give_different_members_and_equal_seeds_equal_ones(image
     X, y = images
     proba = batched.predict_proba(X)
     assert np.abs(proba[0] - proba[1]).max() > 1e-2 and np.abs(proba[1] - proba[2]).max() > 1e-2
-    twins = fit_members(X, y, seeds=[7, 7], **RECIPE).predict_proba(X)
+    twins = fit_members(X, y, seeds=[7, 7], sample_weight=WEIGHTS, **RECIPE).predict_proba(X)
     np.testing.assert_allclose(twins[0], twins[1], atol=1e-6, rtol=0)
 
 
@@ -174,6 +175,11 @@ def test_cnn_classifier_fits_predicts_and_keeps_the_estimator_rules(images):
     check_no_attributes_set_in_init("CNNClassifier", CNNClassifier())
     check_get_params_invariance("CNNClassifier", CNNClassifier())
     check_set_params("CNNClassifier", CNNClassifier())
+    # soft targets that always say class 0 win over y (a teacher's labels for synthetic rows)
+    always_zero = np.tile(np.float32([1, 0, 0]), (40, 1))
+    assert (CNNClassifier(**dict(TINY, steps=30)).fit(X, y, soft_targets=always_zero).predict(X) == 0).mean() > 0.9
+    with pytest.raises(ValueError, match="soft_targets must have shape"):
+        CNNClassifier(**TINY).fit(X, y, soft_targets=always_zero[:, :2])
     with pytest.raises(ValueError, match="unknown loss"):
         CNNClassifier(loss="focal", **TINY).fit(X, y)
     with pytest.raises(ValueError, match="sample_weight must have shape"):

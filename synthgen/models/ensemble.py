@@ -1,8 +1,11 @@
 """E copies of :class:`~synthgen.models.classifier.SmallCNN` as one grouped network, plus the per-member loss pieces.
 
-On small images a training step of the small CNN is dominated by per-call overhead, so training
-the E seeds of an evaluation arm as one network (grouped convolutions: member e's channels form
-group e) costs about as much per step as training one. Member e's batch occupies input channels
+The evaluation harness trains the same CNN for many arms x E seeds. Training the E seeds as one
+network (grouped convolutions: member e's channels form group e) pays the per-call overhead of a
+step once instead of E times. On the CPU (2 cores, width 16, batch 64, 5 seeds x 300 steps,
+bench/bench_evaluate.py) that made 8x8 digits 1.9x faster, but 28x28 MNIST 0.87x: there the step
+is compute- and cache-bound and E times larger activations no longer fit in cache. GPUs, where
+per-call overhead dominates far more, were not measured. Member e's batch occupies input channels
 ``e*C:(e+1)*C``; every conv has ``groups=E``, every BatchNorm keeps per-channel (so per-member)
 statistics, pooling is per channel, and the two linear layers hold one weight per member
 (``(E, in, out)``, applied with a batched matmul). Nothing mixes members, so the gradient of the
