@@ -50,7 +50,7 @@ class DataConfig(Section):
         "stopping without taking images from training."
     )
     per_class: int | None = Field(
-        20, ge=1, description="Scarce training images per class (null: long_tail, or every remaining image if both null)."
+        None, ge=1, description="Draw this many training images per class from `source` (null: long_tail, or every image)."
     )
     long_tail: LongTail | None = Field(None, description="Long-tailed scarce split instead of per_class.")
     val_per_class: int = Field(

@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from synthgen.config import GenerateConfig
 from synthgen.device import autocast, inference_rows
 from synthgen.io import atomic_write_bytes
 from synthgen.models import cgan, cvae, fused
 
 FORMAT = "synthgen-generator/1"
-DEFAULT_LATENT_NOISE = 1.0  # the generate.latent_noise default (config.py), for callers outside the pipeline
+DEFAULT_LATENT_NOISE = GenerateConfig.model_fields["latent_noise"].default  # one home: config.py
 MIN_CODES_TO_INTERPOLATE = 2  # one code gives only near-copies of its image (MNIST long tail: every candidate rejected)
 MODEL_KINDS = ("cgan", "cvae")
 
