@@ -36,13 +36,17 @@ def _concat(shards: list[dict], image_shape) -> tuple[np.ndarray, np.ndarray, np
     return tuple(np.concatenate([s[key] for s in shards]) for key in ("x", "y", "sample_id"))  # type: ignore[return-value]
 
 
+def _summary(path: Path, missing: str) -> dict:
+    """A stage's summary JSON (its commit marker); a DataError saying ``missing`` when absent."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: {missing}")
+    return read_json(path)
+
+
 def load_pool(pool_dir: str | Path) -> LabeledImages:
     """The whole unfiltered candidate pool (``index`` = sample_id), e.g. for the unfiltered ablation arm."""
     pool_dir = Path(pool_dir)
-    summary_path = pool_dir / POOL_SUMMARY
-    if not summary_path.is_file():
-        raise DataError(f"{summary_path} not found: run `synthgen generate` first")
-    summary = read_json(summary_path)
+    summary = _summary(pool_dir / POOL_SUMMARY, "run `synthgen generate` first")
     shards = [read_shard(path) for path in shard_paths(pool_dir)]
     if not shards:
         raise DataError(f"{pool_dir} holds no shard-*.npz files")
@@ -53,13 +57,10 @@ def load_pool(pool_dir: str | Path) -> LabeledImages:
 def load_accepted(synthetic_root: str | Path) -> LabeledImages:
     """The committed accepted set from its npz shards (``index`` = sample_id)."""
     root = Path(synthetic_root)
-    summary_path = root / FILTER_SUMMARY
-    if not summary_path.is_file():
-        raise DataError(f"{summary_path} not found: `synthgen filter` has not completed for {root}")
-    summary = read_json(summary_path)
+    summary = _summary(root / FILTER_SUMMARY, f"`synthgen filter` has not completed for {root}")
     x, y, ids = _concat([read_shard(path) for path in shard_paths(root / "accepted-shards")], summary["image_shape"])
     if len(y) != summary["accepted"]:
-        raise DataError(f"{root / 'accepted-shards'} holds {len(y)} samples but {summary_path} says {summary['accepted']}")
+        raise DataError(f"{root / 'accepted-shards'} holds {len(y)} samples but {root / FILTER_SUMMARY} says {summary['accepted']}")
     return LabeledImages(x, y.astype(np.int64), tuple(summary["class_names"]), ids)
 
 
