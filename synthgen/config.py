@@ -10,7 +10,7 @@ overrides (the CLI's ``--set``) before validation, so overrides are type-checked
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,6 +77,9 @@ class DataConfig(Section):
             raise ValueError("data.per_class and data.long_tail are exclusive: set one of them to null")
         if self.val_source is not None and self.val_per_class:
             raise ValueError("data.val_source and data.val_per_class are exclusive: set val_per_class to 0")
+        if self.test_source is not None and self.test_source in (self.source, self.val_source):
+            which = "data.source" if self.test_source == self.source else "data.val_source"
+            raise ValueError(f"data.test_source is the same as {which} ({self.test_source}): the test set must be other images")
         return self
 
 
@@ -169,13 +172,14 @@ class FilterConfig(Section):
     """Two-stage filtering plus novelty (stage `filter`)."""
 
     discriminator: bool = Field(True, description="Use the discriminator-score filter (cGAN only).")
-    discriminator_quantile: float = Field(0.1, ge=0, le=1, description="Keep if D >= this quantile of real-val D scores of the class.")
+    discriminator_quantile: float = Field(0.1, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class.")
     classifier: bool = Field(True, description="Use the classifier-confidence filter.")
     classifier_threshold: float = Field(0.5, ge=0, le=1, description="Min. probability of the conditioned class (after per-class calibration).")
     classifier_calibration: Literal["none", "per_class"] = Field(
-        "per_class", description="per_class: t_c = min(threshold, classifier_quantile of p_c on real val images of class c)."
+        "per_class", description="per_class: t_c = min(threshold, classifier_quantile of p_c on real images of class c "
+        "the classifier did not see: out-of-fold, or the val split)."
     )
-    classifier_quantile: float = Field(0.1, ge=0, le=1, description="Quantile of real-val confidences for per-class calibration.")
+    classifier_quantile: float = Field(0.1, ge=0, le=1, description="Quantile of held-out (or out-of-fold) real confidences for per-class calibration.")
     classifier_steps: int = Field(300, ge=1, description="Training steps of the real-data filter classifier (train split only).")
     calibration_folds: int = Field(
         3, ge=0, description="Without held-out images: cross-fitted folds whose out-of-fold probabilities calibrate "
@@ -209,7 +213,7 @@ class EvaluateConfig(Section):
     lr: float = Field(2e-3, gt=0, description="Classifier peak learning rate (same for every arm).")
     seeds: int = Field(5, ge=2, description="Classifier seeds per arm (paired across arms).")
     seed: int = Field(0, description="First classifier seed; seeds are seed, seed+1, ...")
-    steps: int | Literal["auto"] = Field(
+    steps: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Optimiser steps of every arm; auto: doubled from min_steps while the out-of-fold "
         "balanced accuracy of real+classic on the training images still improves by more than budget_tolerance."
     )
@@ -239,6 +243,8 @@ class EvaluateConfig(Section):
     def _budget_range(self) -> "EvaluateConfig":
         if self.min_steps > self.max_steps:
             raise ValueError("evaluate.min_steps must not exceed evaluate.max_steps")
+        if len(set(self.recipes)) != len(self.recipes):
+            raise ValueError(f"evaluate.recipes lists a recipe twice: {list(self.recipes)}")
         return self
 
 

@@ -72,11 +72,18 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     return filters
 
 
-def calibration_note(prepared: PreparedData) -> str:
-    """What the filter thresholds were calibrated on (for the summary and the report)."""
+def calibration_note(prepared: PreparedData, filters: dict) -> str:
+    """What the filter thresholds were calibrated on (for the summary and the report), from the fitted filters."""
     if len(prepared.val.y):
         return f"{len(prepared.val.y)} held-out real images (val split)"
-    return "the training images themselves: out-of-fold classifier probabilities, leave-one-out novelty scales"
+    parts = []
+    if filters.get("classifier") is not None:
+        parts.append(f"classifier thresholds: {filters['classifier'].calibrated_on_}")
+    if filters.get("novelty") is not None:
+        parts.append("novelty scales: leave-one-out distances within each class")
+    if filters.get("discriminator") is not None:
+        parts.append("discriminator thresholds: the training images (the discriminator saw them)")
+    return "no held-out images; " + ("; ".join(parts) if parts else "no filter on")
 
 
 def score_candidates(x: np.ndarray, y: np.ndarray, filters: dict) -> dict[str, np.ndarray]:
@@ -252,7 +259,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
                                             pool_summary.get("latent", "prior"))
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
-        summary["calibration"] = calibration_note(prepared)
+        summary["calibration"] = calibration_note(prepared, filters)
         filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder)
         filter_outputs.commit(work_dir, synthetic_root)
     print(f"filter: {summary['accepted']}/{summary['quota']} accepted from {summary['generated']} candidates; shortfalls: {summary['shortfalls'] or 'none'}")

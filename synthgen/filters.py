@@ -35,10 +35,10 @@ SCORE_COLUMNS = {"discriminator": "d_score", "classifier": "classifier_prob", "n
 
 def per_class_quantile(scores: np.ndarray, y: np.ndarray, n_classes: int, q: float, min_count: int = 1) -> np.ndarray:
     """q-quantile of ``scores`` per class; classes with fewer than ``min_count`` finite scores get
-    the median of the other classes' quantiles (or the global quantile when no class has enough)."""
+    the median of the other classes' quantiles, or NaN when no class has any (the caller decides)."""
     scores, y = np.asarray(scores, dtype=np.float64), np.asarray(y)
     finite = np.isfinite(scores)
-    overall = float(np.quantile(scores[finite], q)) if finite.any() else -np.inf
+    overall = float(np.quantile(scores[finite], q)) if finite.any() else np.nan
     values = np.full(n_classes, np.nan)
     for c in range(n_classes):
         members = scores[(y == c) & finite]
@@ -51,7 +51,7 @@ def per_class_quantile(scores: np.ndarray, y: np.ndarray, n_classes: int, q: flo
 def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Fold id per row: each class's rows shuffled (seeded) and dealt round-robin, so every fold
     gets a share of every class with at least ``n_folds`` images."""
-    rng = np.random.default_rng([seed, 17])
+    rng = np.random.default_rng([seed % 2**64, 17])
     folds = np.zeros(len(y), dtype=np.int64)
     for c in np.unique(y):
         rows = rng.permutation(np.flatnonzero(y == c))
@@ -148,7 +148,7 @@ class ConfidenceFilter(_Filter):
         self.classifier_ = clone(self._base(n_classes)).fit(X, y)
         self.n_fit_samples_ = len(X)  # what the scoring classifier saw: the real training images, nothing else
         self.thresholds_ = np.full(n_classes, float(self.threshold))
-        self.calibrated_on_ = "none"
+        self.calibrated_on_ = "none (the global threshold)"
         if self.calibration != "per_class":
             return self
         if X_val is not None and len(X_val):
@@ -160,7 +160,8 @@ class ConfidenceFilter(_Filter):
             self.calibrated_on_ = f"out-of-fold probabilities ({self.folds} folds)"
         else:
             return self
-        self.thresholds_ = np.minimum(self.thresholds_, per_class_quantile(held_out, held_y, n_classes, self.quantile))
+        # fmin: a class nothing calibrates (every class a single image) keeps the global threshold
+        self.thresholds_ = np.fmin(self.thresholds_, per_class_quantile(held_out, held_y, n_classes, self.quantile))
         return self
 
     def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -192,6 +193,9 @@ class NoveltyFilter(_Filter):
             typical = np.concatenate([typical, distances])
             typical_y = np.concatenate([typical_y, np.full(len(distances), c)])
         self.scales_ = per_class_quantile(typical, typical_y, n_classes, 0.5)
+        if np.isnan(self.scales_).any():  # every class a single image: the leave-one-out scale across classes
+            across = nearest_distance(self.reference_, self.reference_, self.batch_size, exclude_self=True)
+            self.scales_ = np.full(n_classes, float(np.median(across[np.isfinite(across)])) if np.isfinite(across).any() else 0.0)
         self.thresholds_ = self.threshold * self.scales_
         return self
 

@@ -16,12 +16,11 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, tail: np.ndarray | None = None) -> dict:
-    """Accuracy, macro-F1, balanced accuracy (sklearn.metrics), per-class recall, tail-class recall."""
+    """Accuracy, macro-F1 (sklearn.metrics), balanced accuracy, per-class recall, tail-class recall."""
     labels = np.arange(n_classes)
     recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
-    present = np.isin(labels, y_true)  # balanced accuracy over the classes that occur in y_true
     return {
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "tail_recall": float(recall[tail].mean()) if tail is not None else float("nan"),

@@ -6,8 +6,8 @@
   in the penultimate-feature space of a :class:`CNNClassifier` trained on real ``train + val``
   of the same domain (never on test). The real reference set is the held-out test split.
 * Near-copy fraction: accepted samples the novelty filter's rule would reject (pixel-L2 distance
-  to the nearest real train image below ``filter.novelty_threshold`` x the class's median real
-  val -> train nearest-neighbour distance), computed with :class:`synthgen.filter.NoveltyFilter`.
+  to the nearest real train image below ``filter.novelty_threshold`` x the class's typical real
+  nearest-neighbour distance), computed with :class:`synthgen.filters.NoveltyFilter`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def near_copy_mask(candidates: LabeledImages, prepared: PreparedData, threshold:
     """True for near-copies, by the novelty filter's own rule (:class:`synthgen.filter.NoveltyFilter`).
 
     A candidate is a near-copy when its pixel-L2 distance to the nearest real train image is below
-    ``threshold`` x the median (real val -> train) nearest-neighbour distance of its class.
+    ``threshold`` x the class's typical real nearest-neighbour distance (see :class:`NoveltyFilter`).
     """
     val = prepared.val if len(prepared.val.y) else None
     novelty = NoveltyFilter(threshold=threshold).fit(prepared.train.x, prepared.train.y, *((val.x, val.y) if val else ()))

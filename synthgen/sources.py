@@ -38,6 +38,8 @@ def load_source(source: str, image_size: int | None = None, progress: bool = Fal
     """Load ``source`` into memory: ``'digits'``, an ImageFolder dir, an ``.npz`` file, or IDX files.
 
     * ``digits``: sklearn's 8x8 digits (values 0..16 scaled to 0..255), classes "0".."9".
+    * ``digits-long-tail`` / ``digits-long-tail-test``: the built-in demo, a fixed long tail of the
+      digits (50, 32, 21, 14, 9, 6, 4, 2, 2, 1 images of 0-9) and every other digit as its test set.
     * a directory with ``*-images-idx3-ubyte[.gz]`` + ``*-labels-idx1-ubyte[.gz]`` (or the path of
       the images file): MNIST-style IDX files.
     * another directory: ImageFolder, ``root/<class_name>/**/*.{png,jpg,jpeg,bmp,gif,webp}``,
@@ -49,8 +51,8 @@ def load_source(source: str, image_size: int | None = None, progress: bool = Fal
     resized (PIL bilinear, antialiased when shrinking) to ``image_size x image_size``; otherwise
     images of different sizes are refused. Fewer than two classes is an error.
     """
-    if source == "digits":
-        images = load_digits_images()
+    if source in BUILTIN_SOURCES:
+        images = load_builtin(source)
     else:
         path = Path(source)
         if not path.exists():
@@ -70,6 +72,31 @@ def load_source(source: str, image_size: int | None = None, progress: bool = Fal
     if images.n_classes < 2:
         raise DataError(f"{source}: needs at least 2 classes, found only class {images.class_names!r}")
     return images
+
+
+DEMO_TAIL = (50, 50.0)  # (max, ratio): class c gets round(max * ratio ** (-c / 9)), at least 1
+BUILTIN_SOURCES = ("digits", "digits-long-tail", "digits-long-tail-test")
+
+
+def load_builtin(name: str) -> LabeledImages:
+    """The built-in sources (sklearn's digits ship with scikit-learn: nothing is downloaded).
+
+    The demo's long tail is a source of its own rather than ``data.long_tail`` in params.yaml, so
+    that pointing ``data.source`` at your folder trains on every image of it, with no cut inherited
+    from the demo. The draw is fixed (seed 0, per class), so the two halves never overlap.
+    """
+    digits = load_digits_images()
+    if name == "digits":
+        return digits
+    maximum, ratio = DEMO_TAIL
+    rng = np.random.default_rng(0)
+    train = []
+    for c in range(digits.n_classes):
+        count = max(1, int(np.floor(maximum * ratio ** (-c / (digits.n_classes - 1)) + 0.5)))
+        train.append(np.sort(rng.permutation(np.flatnonzero(digits.y == c))[:count]))
+    train_rows = np.concatenate(train)
+    rows = train_rows if name == "digits-long-tail" else np.setdiff1d(np.arange(len(digits.y)), train_rows)
+    return digits.subset(rows)
 
 
 def resize_images(x: np.ndarray, image_size: int) -> np.ndarray:

@@ -296,6 +296,9 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
     checkpoint_path, grids_dir = checkpoint_dir / "last.pt", checkpoint_dir / "grids"
     fingerprint = data_fingerprint(prepared.train.x, prepared.train.y)
     resume = resumable_checkpoint(train_config, checkpoint_path, fingerprint, world_size, console)
+    if train_config.early_stopping_patience is not None and not len(prepared.val.y):
+        console.print("[yellow]train.early_stopping_patience is set but there are no held-out images "
+                      "(data.val_per_class: 0, no data.val_source): training runs all train.steps[/yellow]")
 
     with _progress(console) as progress:
         task = progress.add_task("", total=train_config.steps, completed=resume["step"] if resume else 0)

@@ -39,7 +39,7 @@ def tiny_prepared(tmp_path_factory) -> Path:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".gitignore", ".dvcignore", "data/raw/README.md"]
 TINY_PARAMS = [
-    "data.long_tail=null", "data.per_class=5", "data.val_per_class=5", "data.test_per_class=10",
+    "data.source=digits", "data.test_source=null", "data.long_tail=null", "data.per_class=5", "data.val_per_class=5", "data.test_per_class=10",
     "train.steps=20", "train.batch_size=16", "train.checkpoint_every=10", "train.log_every=5",
     "train.eval_every=10", "train.device=cpu",
     "train.cgan.latent_dim=8", "train.cgan.base_channels=8", "train.cvae.latent_dim=4", "train.cvae.base_channels=8",

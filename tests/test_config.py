@@ -28,7 +28,7 @@ def test_defaults_and_repo_params_load():
     loaded = dict(_leaves(config_to_dict(config)))
     written = dict(_leaves(yaml.safe_load(PARAMS.read_text())))
     assert {key: (value, loaded.get(key, "<missing>")) for key, value in written.items() if loaded.get(key, "<missing>") != value} == {}
-    assert config.data.source == "digits"
+    assert config.data.source == "digits-long-tail" and config.data.test_source == "digits-long-tail-test"
     # every section round-trips through its plain-JSON form
     assert Config.model_validate(config_to_dict(config)) == config
 
@@ -98,8 +98,8 @@ def test_params_file_errors(tmp_path):
 
 def test_params_yaml_departs_from_the_config_defaults_only_for_the_demo_split():
     """Defaults live in config.py; params.yaml is the demo project's settings. The only keys it may set
-    differently are the demo's long tail of the built-in digits (everything else would be a second,
-    drifting copy of a default)."""
+    differently are the demo's built-in sources (everything else would be a second, drifting copy of a
+    default, and a user who points data.source at a folder inherits no cut of it)."""
     import yaml
 
     from synthgen.config import config_to_dict
@@ -115,4 +115,4 @@ def test_params_yaml_departs_from_the_config_defaults_only_for_the_demo_split():
             elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
                 yield f"{prefix}{key}"
 
-    assert set(differences(shipped, defaults)) == {"data.long_tail"}
+    assert set(differences(shipped, defaults)) == {"data.source", "data.test_source"}

@@ -18,8 +18,8 @@ Sampling modes (``latent=``): ``prior`` draws z ~ N(0, I). ``interpolate`` (cVAE
 training images of the requested class from the latent bank, takes z on the segment between
 their codes (t ~ U(0, 1)) and adds ``latent_noise`` x N(0, I): samples stay on the region of
 latent space that real images occupy instead of the prior's holes, which on scarce data made the
-synthetic set far more useful downstream (MNIST 10/class: -2.7 -> -0.3 points vs classical
-augmentation, see README). Classes with fewer than two codes in the bank fall back to the prior.
+synthetic set far more useful downstream (docs/RESULTS.md). Rare classes also borrow codes of
+other classes (``borrow_below``, :func:`interpolate_codes`).
 """
 
 from __future__ import annotations
@@ -158,12 +158,12 @@ def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Ten
     """Latents between two bank codes for each row's class, plus ``latent_noise`` x ``noise``.
 
     ``bank`` = (codes (M, D), code labels (M,)); ``labels`` (N,); ``noise`` (N, D) standard normal.
-    A class with at least ``max(2, borrow_below)`` codes interpolates between two of its own codes.
-    A rarer class with at least one code, when ``borrow_below`` > 0, interpolates between one of its
+    A class with fewer than ``borrow_below`` codes (but at least one) interpolates between one of its
     own codes and a code of ANY class (style transfer: the cVAE's code holds what the label does
     not, such as slant and thickness, so a head-class code decoded with the rare label lends the
-    rare class variety its one or two images lack). Otherwise the row keeps ``noise`` (prior
-    sampling): around a single code the decoder only reproduces that one image. All draws come
+    rare class variety its one or two images lack). Other classes interpolate between two of their
+    own codes; a one-code class that does not borrow keeps ``noise`` (prior sampling): around a
+    single code the decoder only reproduces that one image. All draws come
     from ``generator`` (on the CPU), so the result depends only on its state.
     """
     codes, code_labels = bank
@@ -174,10 +174,10 @@ def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Ten
     for label in labels.unique().tolist():
         rows = torch.nonzero(labels == label).flatten()
         members = torch.nonzero(code_labels == label).flatten()
-        if len(members) >= max(MIN_CODES_TO_INTERPOLATE, borrow_below):
-            partners = members
-        elif borrow_below > 0 and len(members) >= 1:
+        if len(members) >= 1 and len(members) < borrow_below:
             partners = everyone
+        elif len(members) >= MIN_CODES_TO_INTERPOLATE:
+            partners = members
         else:
             continue
         first = members[(picks[rows, 0] * len(members)).long().clamp_max(len(members) - 1)]

@@ -197,7 +197,14 @@ def sampling_prior(y: np.ndarray, sampling_probs: np.ndarray, n_classes: int, sa
     if sample_weight is not None:
         mass = mass * np.asarray(sample_weight, dtype=np.float64)
     prior = np.bincount(y, weights=mass, minlength=n_classes)
-    return prior / max(prior.sum(), MIN_PRIOR)
+    prior = prior / max(prior.sum(), MIN_PRIOR)
+    # a class absent from the training rows (a cross-validation fold without a one-image class) gets half
+    # the rarest present class's prior, not ~0: log(1e-12) would freeze its logit at initialisation
+    present = prior > 0
+    if present.any() and not present.all():
+        prior = np.where(present, prior, 0.5 * prior[present].min())
+        prior = prior / prior.sum()
+    return prior
 
 
 def adjust_logits(logits: torch.Tensor, prior: torch.Tensor, tau: float) -> torch.Tensor:
