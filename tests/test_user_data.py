@@ -99,3 +99,29 @@ def test_resized_to_64(tmp_path, monkeypatch, colour):
     pngs = accepted_pngs("x") + accepted_pngs("y")
     assert pngs and {Image.open(path).size for path in pngs} == {(64, 64)}
     assert {Image.open(path).mode for path in pngs} == {"RGB" if colour else "L"}
+
+
+CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-3k" / "cifar10-3k.npz"
+
+
+@pytest.mark.slow
+def test_real_cifar_long_tail_down_to_one_image_gives_rgb_samples_and_a_verdict(tmp_path, monkeypatch):
+    """Real CIFAR-10 photographs (../shared): a long tail 20 -> 1 image per class, every stage, RGB out."""
+    if not CIFAR.is_file():
+        pytest.skip(f"CIFAR-10 3k not found at {CIFAR}")
+    monkeypatch.chdir(tmp_path)
+    run_stages(["prepare", "train", "generate", "filter", "evaluate", "report"],
+               {"source": str(CIFAR), "long_tail": "{max: 20, ratio: 20}", "test_per_class": 30},
+               "evaluate.recipes=[real+classic,real+logit_adjust+classic]", "evaluate.quality=true")
+    summary = read_json("data/prepared/summary.json")
+    assert [row["train"] for row in summary["classes"]][-1] == 1 and summary["image_shape"] == [32, 32, 3]
+    assert summary["totals"]["val"] == 0
+    filtered = read_json("data/synthetic/filter_summary.json")
+    assert filtered["per_class"]["truck"]["generated"] > 0  # the one-image class is topped up like any other
+    pngs = [png for name in summary["classes"] for png in accepted_pngs(name["class"])]
+    assert pngs, "a 30-step generator still gets some samples past the filters"
+    with Image.open(pngs[0]) as image:
+        assert image.mode == "RGB" and image.size == (32, 32)
+    metrics = read_json("reports/metrics.json")
+    assert metrics["recipe"] in metrics["balanced_accuracy"] and f"{metrics['recipe']}+synthetic" in metrics["balanced_accuracy"]
+    assert "Verdict:" in Path("reports/REPORT.md").read_text()
