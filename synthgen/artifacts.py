@@ -1,6 +1,6 @@
 """Readers of the artifacts that stages hand each other (no stage owns them).
 
-* the candidate pool ``data/synthetic/pool/`` written by ``generate`` (``shard-*.npz`` with
+* the candidate pool ``data/pool/`` written by ``generate`` (``shard-*.npz`` with
   ``x`` uint8 NHWC, ``y`` int64, ``sample_id`` int64, plus ``generate_summary.json``);
 * the accepted set ``data/synthetic/`` committed by ``filter`` (``accepted-shards/``,
   ``manifest.csv``, and ``filter_summary.json``, the commit marker).

@@ -30,7 +30,7 @@ SetOption = Annotated[
 PREPARED = Path("data/prepared")
 MODELS = Path("models")
 CHECKPOINTS = Path("checkpoints")
-POOL = Path("data/synthetic/pool")
+POOL = Path("data/pool")
 SYNTHETIC = Path("data/synthetic")
 REPORTS = Path("reports")
 

@@ -14,6 +14,7 @@ written and scored by an executor) and :func:`select_candidates` (in memory, for
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from synthgen.generate import (
     SUMMARY_NAME, compute_quotas, first_round_requests, load_model, make_shard_specs, model_path_for, next_batch_start,
     run_shard,
 )
-from synthgen.io import read_json
+from synthgen.io import atomic_dir, read_json
 
 
 TOPUP_SAFETY = 1.2  # ask for 20% more than the measured rate predicts
@@ -254,13 +255,13 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     filters = fit_filters(config.filter, prepared, model, device)
     quotas = compute_quotas(prepared.train.counts(), config.generate)
     gen_device = str(resolve_device(config.generate.device))
-    with filter_outputs.staging(synthetic_root) as work_dir:
+    with atomic_dir(synthetic_root) as work_dir:  # the previous accepted set stays whole until this block succeeds
         table, shards, history = run_rounds(pool_dir, work_dir / "topup", filters, quotas, config.generate, model_path, gen_device,
                                             pool_summary.get("latent", "prior"))
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
         summary["calibration"] = calibration_note(prepared, filters)
         filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder)
-        filter_outputs.commit(work_dir, synthetic_root)
+        shutil.rmtree(work_dir / "topup", ignore_errors=True)  # top-up candidates live on in manifest.csv, not as files
     print(f"filter: {summary['accepted']}/{summary['quota']} accepted from {summary['generated']} candidates; shortfalls: {summary['shortfalls'] or 'none'}")
     return summary

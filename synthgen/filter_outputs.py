@@ -1,6 +1,6 @@
-"""The filter stage's outputs, written so that a killed run never leaves a half-written accepted set.
+"""The filter stage's outputs, built in a temp directory and swapped in whole (:func:`synthgen.io.atomic_dir`).
 
-Layout under the synthetic root (``data/synthetic/``)::
+Layout of the synthetic root (``data/synthetic/``, the filter stage's one DVC output)::
 
     accepted/<class_name>/<sample_id>.png   ImageFolder view (grey 'L' or RGB, real image size)
     accepted-shards/shard-00000.npz         the same samples as npz shards (x, y, sample_id): fast to load
@@ -8,20 +8,13 @@ Layout under the synthetic root (``data/synthetic/``)::
     figures/                                score_histograms.png (thresholds drawn), accepted_vs_rejected.png
     filter_summary.json                     per-class counts, acceptance per filter, thresholds, shortfalls
 
-Everything is built in a hidden staging directory next to them. :func:`commit` first deletes
-``filter_summary.json`` (from then on the old set counts as absent), swaps each output in with
-``os.replace``, and moves the new summary in LAST: the summary is the commit marker, and
-:func:`load_accepted` refuses a root without one or whose shards disagree with it.
+A killed or failed run leaves the previous root exactly as it was; :func:`load_accepted` also
+checks that the shards agree with the summary.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -33,31 +26,15 @@ from synthgen.filters import FILTERS, SCORE_COLUMNS
 from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, encode_png, read_json, save_npz, write_json
 
-OUTPUT_NAMES = ("accepted", "accepted-shards", "manifest.csv", "figures")
 SUMMARY_NAME = FILTER_SUMMARY
 MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", "d_score", "classifier_prob", "nn_distance", "accepted", "rejected_by"]
 GRID_PER_CLASS = 8
-STAGING_PREFIX = ".filter-staging-"
-
-
-@contextlib.contextmanager
-def staging(synthetic_root: str | Path) -> Iterator[Path]:
-    """A fresh hidden work dir in ``synthetic_root`` (stale ones from killed runs are removed first)."""
-    root = Path(synthetic_root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
-    try:
-        yield work_dir
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
     """uint8 (H, W, C) -> PNG: grey for one channel, RGB for three (fast zlib level).
 
-    Written in place, not renamed: every PNG lands inside a staging or temp directory that is
+    Written in place, not renamed: every PNG lands inside a temp directory that is
     swapped in whole, so a killed run never exposes a partial file.
     """
     with open(path, "wb") as file:
@@ -134,7 +111,7 @@ def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Pat
 
 def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, filters: dict, summary: dict,
                   image_folder: bool = True) -> None:
-    """Write every output into ``work_dir`` (the staging dir); nothing outside it is touched."""
+    """Write every output into ``work_dir`` (the temp dir that becomes the root); nothing outside it is touched."""
     class_names = list(class_names)
     first = read_shard(shards[0])["x"] if shards else None
     image_shape = list(first.shape[1:]) if first is not None else summary.get("image_shape", [1, 1, 1])
@@ -145,21 +122,6 @@ def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class
     _histogram_figure(table, filters, class_names, figures / "score_histograms.png")
     _grid_figure(examples, len(class_names), image_shape, figures / "accepted_vs_rejected.png")
     write_json(work_dir / SUMMARY_NAME, {"class_names": class_names, "image_shape": image_shape, **summary})
-
-
-def commit(work_dir: Path, synthetic_root: str | Path) -> None:
-    """Swap the staged outputs in; the summary (commit marker) goes first out and last in."""
-    root = Path(synthetic_root)
-    (root / SUMMARY_NAME).unlink(missing_ok=True)
-    trash = Path(tempfile.mkdtemp(prefix=".filter-old-", dir=root))
-    try:
-        for name in OUTPUT_NAMES:
-            if (root / name).exists():
-                os.replace(root / name, trash / name)
-            os.replace(work_dir / name, root / name)
-        os.replace(work_dir / SUMMARY_NAME, root / SUMMARY_NAME)
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:
