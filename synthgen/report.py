@@ -19,10 +19,10 @@ from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, read_json
 
 LIMITATIONS = (
-    "The best recipe and the step budget are chosen by k-fold cross-validation on the real training "
-    "images, never on test; with few images per class that choice is noisy, and a recipe that scores "
-    "higher on test than the chosen one is shown in the table. The paired t-interval over classifier "
-    "seeds does not cover the randomness of the labeled images, the generator or the filter.",
+    "The verdict compares the strongest arm with synthetic images against the strongest without, both "
+    "picked by mean test balanced accuracy: the selection effect is the same on both sides, and the "
+    "out-of-fold choice on the training images (never test) is shown above. The paired t-interval over "
+    "classifier seeds does not cover the randomness of the labeled images, the generator or the filter.",
     "Seeds vary only the downstream classifier (weights, batches, augmentation), not the scarce "
     "train split: a different draw of the few labeled images can change the conclusion.",
     "Frechet distance and precision/recall use the features of a small CNN trained on the same "
@@ -54,7 +54,7 @@ def _interval(stat: dict | None, signed: bool = False) -> str:
 def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """(gains rows, per-class recall rows) as lists of flat dicts (Prefect table artifacts, markdown).
 
-    Gains are paired per-seed differences in balanced accuracy vs the selected recipe, in points.
+    Gains are paired per-seed differences in balanced accuracy vs the strongest baseline, in points.
     """
     gains_rows = []
     for arm, stats in metrics["arms"].items():
@@ -65,7 +65,7 @@ def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple
             "accuracy %": _interval(stats["accuracy"]),
             "macro-F1 %": _interval(stats["macro_f1"]),
             "tail-class recall %": _interval(stats["tail_recall"]),
-            "gain vs selected recipe (points)": "selected recipe" if arm == metrics["best_baseline"] else _interval(gain, signed=True),
+            "gain vs strongest baseline (points)": "strongest baseline" if arm == metrics["best_baseline"] else _interval(gain, signed=True),
         })
     recall = metrics["per_class_recall"]
     n_classes = len(next(iter(recall.values())))
@@ -118,7 +118,8 @@ def selection_text(metrics: dict) -> str:
     budget = (f"Budget: {selection['steps']} steps, where `real+classic` stopped improving in {selection['folds']}-fold "
               f"cross-validation on the training images (out-of-fold balanced accuracy by steps: {curve})."
               if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
-    return f"{budget} Recipes, out-of-fold balanced accuracy at that budget: {scores}; the best is the comparison."
+    return (f"{budget} Recipes, out-of-fold balanced accuracy at that budget: {scores}; "
+            f"`{selection['best_recipe']}` was selected and got the synthetic set first.")
 
 
 # -------------------------------------------------------------------- markdown
@@ -137,8 +138,8 @@ def render_markdown(metrics: dict, card: dict) -> str:
         f"**Verdict: {metrics['verdict']}** — {metrics['reason']}.",
         "",
         f"The question: does adding the accepted synthetic set to the best recipe you could use without it "
-        f"(`{metrics['best_baseline']}`, chosen on your training images) make the classifier better? "
-        f"`{metrics['best_synthetic']}` against `{metrics['best_baseline']}`: {_interval(gain, signed=True)} points "
+        f"make the classifier better? The strongest recipe without it on the test set is `{metrics['best_baseline']}`; "
+        f"the strongest with it is `{metrics['best_synthetic']}`: {_interval(gain, signed=True)} points "
         f"balanced accuracy (paired over {metrics['evaluate']['seeds']} classifier seeds, "
         f"{int(100 * metrics['evaluate']['confidence'])}% t-interval).",
         "",
@@ -220,7 +221,7 @@ def plot_gains(metrics: dict, path: Path) -> None:
     ax.barh(arms, means, xerr=[means - low, high - means], color=colors, capsize=4)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']} (selected recipe; points, 95% CI)")
+    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']} (strongest baseline; points, 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

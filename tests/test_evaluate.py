@@ -84,7 +84,9 @@ def test_selection_and_every_arm_never_see_the_test_split(prepared):
     arm_fits = [call for call in spy.fits if len(call["seeds"]) == FAST.seeds]
     assert {(c["steps"], c["batch_size"], c["lr"], c["width"]) for c in arm_fits} == {(steps, FAST.batch_size, FAST.lr, FAST.width)}
     best = results["selection"]["best_recipe"]
-    assert set(results["per_seed"]["arm"]) == set(FAST.recipes) | {f"{best}+synthetic", f"{best}+unfiltered", "real+synthetic"}
+    strongest = results["decision"]["best_baseline"]
+    expected = set(FAST.recipes) | {f"{best}+synthetic", f"{strongest}+synthetic", f"{best}+unfiltered", "real+synthetic"}
+    assert set(results["per_seed"]["arm"]) == expected
     n_train = results["per_seed"].groupby("arm")["n_train"].first()  # the ablation adds as many images as the treatment
     assert n_train[f"{best}+unfiltered"] == n_train[f"{best}+synthetic"] == len(prepared.train.y) + len(synthetic.y)
 
@@ -147,18 +149,26 @@ def test_without_synthetic_only_baselines_and_not_recommended(prepared):
 def test_only_the_selected_recipe_when_not_every_recipe_is_tested(prepared):
     config = FAST.model_copy(update={"test_every_recipe": False})
     results = evaluate.run_arms(prepared.train, prepared.test, prepared.val, None, config)
-    best = results["selection"]["best_recipe"]
-    assert set(results["per_seed"]["arm"]) == {"real", best, f"{best}+synthetic"} | ({"real+synthetic"} if best != "real" else set())
+    best, strongest = results["selection"]["best_recipe"], results["decision"]["best_baseline"]
+    assert strongest in {"real", best}
+    assert set(results["per_seed"]["arm"]) == {"real", best, f"{best}+synthetic", f"{strongest}+synthetic", "real+synthetic"}
 
 
-def test_decide_compares_the_treatment_with_the_selected_recipe():
-    summary = {arm: {"balanced_accuracy": {"mean": 0.5}} for arm in ("real", "real+mixup+classic", "real+mixup+classic+synthetic")}
+def test_decide_compares_the_strongest_treatment_with_the_strongest_baseline():
+    means = {"real": 0.5, "real+classic": 0.6, "real+logit_adjust+classic": 0.7,
+             "real+classic+synthetic": 0.65, "real+logit_adjust+classic+synthetic": 0.72, "real+synthetic": 0.55}
+    summary = {arm: {"balanced_accuracy": {"mean": mean}} for arm, mean in means.items()}
+    assert evaluate.strongest(summary, ["real", "real+classic", "real+logit_adjust+classic"]) == "real+logit_adjust+classic"
+    treatments = ["real+classic+synthetic", "real+logit_adjust+classic+synthetic", "real+synthetic"]
     up = {"mean": 0.02, "ci_low": 0.01, "ci_high": 0.03}
     straddles = {"mean": 0.02, "ci_low": -0.01, "ci_high": 0.05}
-    decision = evaluate.decide(summary, {"real+mixup+classic+synthetic": {"balanced_accuracy": up}}, "real+mixup+classic")
-    assert decision["verdict"] == "recommended" and decision["best_synthetic"] == "real+mixup+classic+synthetic"
-    decision = evaluate.decide(summary, {"real+mixup+classic+synthetic": {"balanced_accuracy": straddles}}, "real+mixup+classic")
+    gains = {arm: {"balanced_accuracy": up} for arm in treatments}
+    decision = evaluate.decide(summary, gains, "real+logit_adjust+classic", treatments)
+    assert decision["verdict"] == "recommended" and decision["best_synthetic"] == "real+logit_adjust+classic+synthetic"
+    gains = {arm: {"balanced_accuracy": straddles} for arm in treatments}
+    decision = evaluate.decide(summary, gains, "real+logit_adjust+classic", treatments)
     assert decision["verdict"] == "not recommended" and "includes zero" in decision["reason"]
+    assert evaluate.decide(summary, gains, "real", [])["reason"] == "no accepted synthetic samples to evaluate"
 
 
 def test_check_disjoint_compares_indices_of_the_same_source_only(prepared):
