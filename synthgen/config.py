@@ -217,7 +217,9 @@ class EvaluateConfig(Section):
         "auto", description="Optimiser steps of every arm; auto: doubled from min_steps while the out-of-fold "
         "balanced accuracy of real+classic on the training images still improves by more than budget_tolerance."
     )
-    min_steps: int = Field(250, ge=1, description="First budget tried by steps: auto.")
+    min_steps: int = Field(
+        500, ge=1, description="First budget tried by steps: auto (250 under-trained the augmented recipes on an MNIST long tail)."
+    )
     max_steps: int = Field(2000, ge=1, description="Largest budget steps: auto may choose.")
     budget_tolerance: float = Field(0.005, ge=0, description="Out-of-fold gain below which doubling the budget stops.")
     selection_folds: int = Field(2, ge=2, description="Stratified folds of the training images for budget and recipe selection.")
