@@ -218,7 +218,7 @@ class EvaluateConfig(Section):
         "balanced accuracy of real+classic on the training images still improves by more than budget_tolerance."
     )
     min_steps: int = Field(
-        500, ge=1, description="First budget tried by steps: auto (250 under-trained the augmented recipes on an MNIST long tail)."
+        500, ge=1, description="First budget tried by steps: auto (why 500: docs/RESULTS.md)."
     )
     max_steps: int = Field(2000, ge=1, description="Largest budget steps: auto may choose.")
     budget_tolerance: float = Field(0.005, ge=0, description="Out-of-fold gain below which doubling the budget stops.")
