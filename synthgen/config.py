@@ -220,7 +220,7 @@ class EvaluateConfig(Section):
     min_steps: int = Field(
         500, ge=1, description="First budget tried by steps: auto (why 500: docs/RESULTS.md)."
     )
-    max_steps: int = Field(2000, ge=1, description="Largest budget steps: auto may choose.")
+    max_steps: int = Field(1000, ge=1, description="Largest budget steps: auto may choose.")
     budget_tolerance: float = Field(0.005, ge=0, description="Out-of-fold gain below which doubling the budget stops.")
     selection_folds: int = Field(2, ge=2, description="Stratified folds of the training images for budget and recipe selection.")
     recipes: tuple[Literal[RECIPE_NAMES], ...] = Field(  # type: ignore[valid-type]
