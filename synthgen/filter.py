@@ -24,14 +24,14 @@ import pandas as pd
 import torch
 
 from synthgen import filter_outputs
-from synthgen.artifacts import read_shard, shard_paths
+from synthgen.artifacts import POOL_SUMMARY, read_shard, shard_paths
 from synthgen.config import Config, FilterConfig, GenerateConfig
 from synthgen.data import DataError, PreparedData, load_prepared
 from synthgen.device import resolve_device
 from synthgen.executor import map_shards, open_executor
 from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter
 from synthgen.generate import (
-    SUMMARY_NAME, compute_quotas, first_round_requests, load_model, make_shard_specs, model_path_for, next_batch_start,
+    compute_quotas, first_round_requests, load_model, make_shard_specs, model_path_for, next_batch_start,
     run_shard,
 )
 from synthgen.io import atomic_dir, read_json
@@ -244,9 +244,9 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     """Fit filters on real data, score the pool, top up, and commit accepted set + manifest + summary."""
     prepared = load_prepared(prepared_dir)
     pool_dir, synthetic_root = Path(pool_dir), Path(synthetic_root)
-    if not (pool_dir / SUMMARY_NAME).is_file():
-        raise DataError(f"{pool_dir / SUMMARY_NAME} not found: run `synthgen generate` first")
-    pool_summary = read_json(pool_dir / SUMMARY_NAME)
+    if not (pool_dir / POOL_SUMMARY).is_file():
+        raise DataError(f"{pool_dir / POOL_SUMMARY} not found: run `synthgen generate` first")
+    pool_summary = read_json(pool_dir / POOL_SUMMARY)
     if list(pool_summary["class_names"]) != list(prepared.class_names):
         raise DataError(f"{pool_dir} was generated for classes {pool_summary['class_names']}, the prepared data has {list(prepared.class_names)}")
     device = resolve_device(config.filter.device)

@@ -26,7 +26,6 @@ from synthgen.filters import FILTERS, SCORE_COLUMNS
 from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, encode_png, read_json, save_npz, write_json
 
-SUMMARY_NAME = FILTER_SUMMARY
 MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", "d_score", "classifier_prob", "nn_distance", "accepted", "rejected_by"]
 GRID_PER_CLASS = 8
 
@@ -121,7 +120,7 @@ def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class
     figures.mkdir()
     _histogram_figure(table, filters, class_names, figures / "score_histograms.png")
     _grid_figure(examples, len(class_names), image_shape, figures / "accepted_vs_rejected.png")
-    write_json(work_dir / SUMMARY_NAME, {"class_names": class_names, "image_shape": image_shape, **summary})
+    write_json(work_dir / FILTER_SUMMARY, {"class_names": class_names, "image_shape": image_shape, **summary})
 
 
 def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:
@@ -132,7 +131,7 @@ def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:
     """
     root = Path(synthetic_root)
     load_accepted(root)  # refuses a root without a committed summary, or whose shards disagree with it
-    class_names = read_json(root / SUMMARY_NAME)["class_names"]
+    class_names = read_json(root / FILTER_SUMMARY)["class_names"]
     written = 0
     with atomic_dir(out_dir) as tmp:
         for name in class_names:

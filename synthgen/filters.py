@@ -25,7 +25,7 @@ import torch
 from sklearn.base import BaseEstimator, clone
 
 from synthgen.device import autocast
-from synthgen.metrics import flat_pixels, nearest_distance
+from synthgen.metrics import flat_pixels, nearest_distance, stratified_folds
 from synthgen.models.classifier import CNNClassifier
 from synthgen.tensors import to_tensor
 
@@ -46,17 +46,6 @@ def per_class_quantile(scores: np.ndarray, y: np.ndarray, n_classes: int, q: flo
             values[c] = float(np.quantile(members, q))
     fallback = float(np.median(values[~np.isnan(values)])) if (~np.isnan(values)).any() else overall
     return np.where(np.isnan(values), fallback, values)
-
-
-def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold id per row: each class's rows shuffled (seeded) and dealt round-robin, so every fold
-    gets a share of every class with at least ``n_folds`` images."""
-    rng = np.random.default_rng([seed % 2**64, 17])
-    folds = np.zeros(len(y), dtype=np.int64)
-    for c in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == c))
-        folds[rows] = (np.arange(len(rows)) + int(rng.integers(n_folds))) % n_folds
-    return folds
 
 
 class _Filter(BaseEstimator):

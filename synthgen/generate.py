@@ -35,7 +35,6 @@ from synthgen.io import atomic_dir, atomic_write_text, save_npz, write_json
 from synthgen.models import DEFAULT_LATENT_NOISE
 from synthgen.tensors import to_uint8
 
-SUMMARY_NAME = POOL_SUMMARY
 
 
 # ------------------------------------------------------------------------ quotas
@@ -232,7 +231,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
             "next_sample_id": next_batch_start(n_samples - 1, gen.batch_size) if n_samples else 0,
             "shards": shards,
         }
-        write_json(tmp / SUMMARY_NAME, summary)
+        write_json(tmp / POOL_SUMMARY, summary)
     seconds = time.perf_counter() - started
     print(f"generate: {n_samples} candidates in {len(specs)} shards, {seconds:.1f} s ({n_samples / max(seconds, 1e-9):.0f} samples/s) -> {pool_dir}")
     return summary

@@ -1,6 +1,7 @@
 """Metrics shared by the stages: classification scores, intervals over seeds, nearest-neighbour distances.
 
-No stage owns them: ``evaluate`` scores arms with :func:`score` and :func:`t_interval`, the
+No stage owns them: :func:`stratified_folds` cuts the cross-fitting folds of the confidence filter
+and of the recipe selection; ``evaluate`` scores arms with :func:`score` and :func:`t_interval`, the
 novelty filter and the near-copy metric use :func:`nearest_distance`, generator quality uses
 :func:`pairwise_distances`.
 """
@@ -68,3 +69,14 @@ def nearest_distance(queries: torch.Tensor, reference: torch.Tensor, batch_size:
 def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distances (len(a), len(b)) between row vectors (float64 for stable small values)."""
     return torch.cdist(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)).numpy()
+
+
+def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold id per row: each class's rows shuffled (seeded) and dealt round-robin, so every fold
+    gets a share of every class with at least ``n_folds`` images."""
+    rng = np.random.default_rng([seed % 2**64, 17])
+    folds = np.zeros(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        folds[rows] = (np.arange(len(rows)) + int(rng.integers(n_folds))) % n_folds
+    return folds

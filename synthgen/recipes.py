@@ -22,8 +22,7 @@ import numpy as np
 
 from synthgen.config import EvaluateConfig
 from synthgen.data import LabeledImages
-from synthgen.filters import stratified_folds
-from synthgen.metrics import balanced_accuracy
+from synthgen.metrics import balanced_accuracy, stratified_folds
 from synthgen.models.classifier import fit_members
 
 

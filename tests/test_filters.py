@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.filters import ConfidenceFilter, NoveltyFilter, per_class_quantile, stratified_folds
+from synthgen.filters import ConfidenceFilter, NoveltyFilter, per_class_quantile
+from synthgen.metrics import stratified_folds
 from synthgen.models import interpolate_codes
 
 
