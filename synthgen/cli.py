@@ -89,7 +89,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Model output root; the model goes to OUT/<train.model>/.")] = MODELS,
     checkpoints: Annotated[Path, typer.Option(help="Resumable checkpoints root.")] = CHECKPOINTS,
 ) -> None:
-    """Train the conditional generator (`train.model`: cgan or cvae), resuming from the last checkpoint.
+    """Train the conditional generator (`train.model`: cvae, vaegan or cgan), resuming from the last checkpoint.
 
     Reads: PREPARED/, params `train.*`. Writes: OUT/<model>/ (weights with their config,
     summary.json, losses.csv, sample grids) and CHECKPOINTS/<model>/last.pt. Data-parallel:

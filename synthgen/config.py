@@ -84,6 +84,12 @@ class DataConfig(Section):
 
 
 # -------------------------------------------------------------------------- train
+def check_diffaugment(policy: str, key: str) -> None:
+    unknown = [op for op in policy.split(",") if op.strip() and op.strip() not in ("color", "translation", "cutout")]
+    if unknown:
+        raise ValueError(f"{key}: unknown op(s) {unknown}; choose from color, translation, cutout")
+
+
 class CGANSection(Section):
     """cGAN sizes and optimiser settings (used when train.model = cgan)."""
 
@@ -93,12 +99,22 @@ class CGANSection(Section):
     lr_discriminator: float = Field(2e-4, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of generator weights used for sampling.")
     diffaugment: str = Field("translation,cutout", description="DiffAugment ops, comma-separated from color,translation,cutout ('' disables).")
+    lecam_weight: float = Field(
+        0.1, ge=0, description="LeCam regulariser of the discriminator (Tseng et al. 2021): keeps D's outputs near the "
+        "EMA of the other side's, which limits D's overfitting to few images (0: off)."
+    )
+    condition_fade: tuple[float, float] = Field(
+        (0.1, 0.5), description="Fractions of train.steps between which class conditioning fades in from 0 to 1 "
+        "(Shahbazi et al. 2022, 'Collapse by Conditioning'): unconditional first, so that the few images of a class "
+        "share what all classes share. [0, 0] conditions from the start."
+    )
 
     @model_validator(mode="after")
     def _known_ops(self) -> "CGANSection":
-        unknown = [op for op in self.diffaugment.split(",") if op.strip() and op.strip() not in ("color", "translation", "cutout")]
-        if unknown:
-            raise ValueError(f"train.cgan.diffaugment: unknown op(s) {unknown}; choose from color, translation, cutout")
+        check_diffaugment(self.diffaugment, "train.cgan.diffaugment")
+        start, end = self.condition_fade
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"train.cgan.condition_fade: need 0 <= start <= end <= 1, got {list(self.condition_fade)}")
         return self
 
 
@@ -114,11 +130,30 @@ class CVAESection(Section):
     kl_warmup_steps: int = Field(500, ge=0, description="Linear KL warm-up from 0 to kl_weight.")
 
 
+class VAEGANSection(CVAESection):
+    """Adversarial cVAE (train.model = vaegan): the cVAE's settings plus a projection discriminator."""
+
+    lr_discriminator: float = Field(2e-4, gt=0)
+    adversarial_weight: float = Field(
+        0.02, ge=0, description="Weight of the decoder's hinge loss against D, per pixel (x C*H*W, so that it keeps its "
+        "share of the summed reconstruction loss at any image size)."
+    )
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of decoder weights used for sampling.")
+    diffaugment: str = Field("translation,cutout", description="DiffAugment ops on everything D sees.")
+    lecam_weight: float = Field(0.1, ge=0, description="LeCam regulariser of D (0: off).")
+
+    @model_validator(mode="after")
+    def _known_ops(self) -> "VAEGANSection":
+        check_diffaugment(self.diffaugment, "train.vaegan.diffaugment")
+        return self
+
+
 class TrainConfig(Section):
     """Generator training (stage `train`): shared loop settings plus one section per model."""
 
-    model: Literal["cgan", "cvae"] = Field(
-        "cvae", description="Which conditional generator to train (cvae: diverse on scarce data; cgan: sharper, can collapse)."
+    model: Literal["cgan", "cvae", "vaegan"] = Field(
+        "cvae", description="Which conditional generator to train (cvae: diverse on scarce data; vaegan: the cVAE plus a "
+        "discriminator, sharper; cgan: sharpest, can collapse)."
     )
     seed: int = Field(0, description="Seed of weights, batches and noise.")
     steps: int = Field(2000, ge=1, description="Optimiser steps (one D + one G update each for the cGAN).")
@@ -132,6 +167,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
     cgan: CGANSection = CGANSection()
     cvae: CVAESection = CVAESection()
+    vaegan: VAEGANSection = VAEGANSection()
 
 
 # ----------------------------------------------------------------------- generate
@@ -171,8 +207,20 @@ class GenerateConfig(Section):
 class FilterConfig(Section):
     """Two-stage filtering plus novelty (stage `filter`)."""
 
-    discriminator: bool = Field(True, description="Use the discriminator-score filter (cGAN only).")
-    discriminator_quantile: float = Field(0.1, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class.")
+    discriminator: bool = Field(True, description="Use the discriminator-score filter (every generator: see discriminator_source).")
+    discriminator_source: Literal["posthoc", "model"] = Field(
+        "posthoc", description="posthoc: a discriminator trained after the generator on real vs generated images, "
+        "cross-fitted so that it is calibrated on images it did not train on (any generator); model: the generator's "
+        "own discriminator (cgan, vaegan), calibrated on the val split or on the training images it saw."
+    )
+    discriminator_quantile: float = Field(
+        0.1, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class (out-of-fold); the posthoc "
+        "cut never rejects more than this quantile of the class's out-of-fold generated images."
+    )
+    discriminator_steps: int = Field(300, ge=1, description="Training steps of each posthoc discriminator fold.")
+    discriminator_samples: int = Field(
+        100, ge=1, description="Generated images per class the posthoc discriminator learns from (drawn as generate draws them, other seeds)."
+    )
     classifier: bool = Field(True, description="Use the classifier-confidence filter.")
     classifier_threshold: float = Field(0.5, ge=0, le=1, description="Min. probability of the conditioned class (after per-class calibration).")
     classifier_calibration: Literal["none", "per_class"] = Field(

@@ -8,7 +8,8 @@ model) and is scored on the same, untouched real test split over ``evaluate.seed
   augmentation, oversampling, logit-adjusted loss, mixup), every one or ``real`` and the selected one;
 * treatments: ``<recipe>+synthetic``, the accepted synthetic set added to the recipe selected
   out-of-fold, to the strongest recipe on test when that is another one, and to ``real``;
-* ablation: ``<selected recipe>+unfiltered`` (as many raw candidates per class as were accepted).
+* ablation: ``<selected recipe>+unfiltered`` (as many raw candidates per class as were accepted);
+  ``filter_gain`` in metrics.json is ``<selected>+synthetic`` minus it, paired by seed.
 
 The step budget and the selected recipe are chosen on the real training images alone (k-fold,
 :mod:`synthgen.recipes`). The verdict compares the strongest treatment with the strongest
@@ -215,7 +216,18 @@ def run_arms(
     selection = {"steps": steps, "budget_curve": curve, "recipe_scores": recipe_scores, "best_recipe": best.name,
                  "folds": config.selection_folds}
     return {"per_seed": per_seed, "per_class": per_class, "summary": summary, "gains": gains,
-            "decision": decide(summary, gains, baseline, treatments), "selection": selection, "counts": counts}
+            "decision": decide(summary, gains, baseline, treatments), "selection": selection, "counts": counts,
+            "filter_ablation": filter_ablation(per_seed, best.name, config.confidence)}
+
+
+def filter_ablation(per_seed: pd.DataFrame, recipe: str, confidence: float) -> dict | None:
+    """Does filtering pay? ``<recipe>+synthetic`` minus ``<recipe>+unfiltered`` (same class counts),
+    paired by seed, in balanced accuracy; None when either arm is missing."""
+    filtered, unfiltered = f"{recipe}+synthetic", f"{recipe}+unfiltered"
+    if not {filtered, unfiltered} <= set(per_seed["arm"]):
+        return None
+    table = per_seed.pivot(index="seed", columns="arm", values="balanced_accuracy")
+    return {"filtered": filtered, "unfiltered": unfiltered, "gain": t_interval(table[filtered] - table[unfiltered], confidence)}
 
 
 def check_disjoint(prepared: PreparedData) -> None:
@@ -239,6 +251,7 @@ def details_payload(results: dict, quality: dict | None, config: EvaluateConfig)
     return {
         **{key: results["decision"][key] for key in ("verdict", "reason", "best_baseline", "best_synthetic", "gain")},
         "selection": results["selection"],
+        "filter_ablation": results["filter_ablation"],
         "arms": results["summary"],
         "gains": results["gains"],
         "counts": results["counts"],
@@ -253,12 +266,14 @@ def metrics_payload(details: dict, filter_summary: dict | None) -> dict:
     gain, treatment = details["gain"], details["best_synthetic"]
     quality = details["quality"] or {}
     tail = details["gains"].get(treatment, {}).get("tail_recall") if treatment else None
+    ablation = details.get("filter_ablation")
     return {
         "verdict": details["verdict"],
         "recipe": details["best_baseline"],
         "steps": details["selection"]["steps"],
         "gain": None if gain is None else {key: gain[key] for key in ("mean", "ci_low", "ci_high")},
         "tail_recall_gain": None if tail is None else tail["mean"],
+        "filter_gain": None if ablation is None else {key: ablation["gain"][key] for key in ("mean", "ci_low", "ci_high")},
         "balanced_accuracy": {arm: stats["balanced_accuracy"]["mean"] for arm, stats in details["arms"].items()},
         "accepted": None if filter_summary is None else filter_summary["accepted"],
         "quota": None if filter_summary is None else filter_summary["quota"],

@@ -29,9 +29,9 @@ from synthgen.config import Config, FilterConfig, GenerateConfig
 from synthgen.data import DataError, PreparedData, load_prepared
 from synthgen.device import resolve_device
 from synthgen.executor import map_shards, open_executor
-from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter
+from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter
 from synthgen.generate import (
-    compute_quotas, first_round_requests, load_model, make_shard_specs, model_path_for, next_batch_start,
+    compute_quotas, first_round_requests, generate_candidates, load_model, make_shard_specs, model_path_for, next_batch_start,
     run_shard,
 )
 from synthgen.io import atomic_dir, read_json
@@ -42,16 +42,32 @@ TOPUP_CAP = 10  # one round never asks for more than 10x the class's first-round
 
 
 # ------------------------------------------------------------------- fit + score
-def fit_filters(config: FilterConfig, prepared: PreparedData, model, device: torch.device) -> dict:
+def fit_filters(config: FilterConfig, prepared: PreparedData, model, device: torch.device,
+                fakes: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """:func:`fit_filters_on` the prepared train split, calibrated on the val split when it has images."""
     held_out = (prepared.val.x, prepared.val.y) if len(prepared.val.y) else None
-    return fit_filters_on(config, prepared.train.x, prepared.train.y, model, device, held_out, prepared.n_classes)
+    return fit_filters_on(config, prepared.train.x, prepared.train.y, model, device, held_out, prepared.n_classes, fakes)
+
+
+def reference_samples(model, n_classes: int, config: FilterConfig, gen: GenerateConfig, device: str,
+                      latent: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``config.discriminator_samples`` generated images per class for the posthoc discriminator: drawn
+    as candidates are (same latent mode), from seeds no candidate uses. Returns (x uint8, y), or None
+    when the posthoc discriminator is off."""
+    if not (config.discriminator and config.discriminator_source == "posthoc"):
+        return None
+    seed = int(np.random.SeedSequence([gen.seed, config.seed, 0x5EED]).generate_state(1)[0])
+    requests = np.full(n_classes, config.discriminator_samples, dtype=np.int64)
+    drawn = generate_candidates(model, requests, 0, gen.model_copy(update={"seed": seed}), device, latent)
+    return drawn["x"], drawn["y"]
 
 
 def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, device: torch.device,
-                   held_out: tuple[np.ndarray, np.ndarray] | None = None, n_classes: int | None = None) -> dict:
+                   held_out: tuple[np.ndarray, np.ndarray] | None = None, n_classes: int | None = None,
+                   fakes: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Fit each enabled filter on real images (uint8 (N, H, W, C), labels 0..K-1); None marks a filter
-    that is off or not applicable (the discriminator filter without a cGAN).
+    that is off or not applicable (``discriminator_source: model`` without a discriminator, or
+    ``posthoc`` without ``fakes``, the :func:`reference_samples` it learns from).
 
     Held-out images (``held_out`` = (x, y), e.g. the val split) calibrate the thresholds when given;
     otherwise the filters calibrate on ``x`` itself (cross-fitting, leave-one-out: see
@@ -60,7 +76,12 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     held_x, held_y = held_out if held_out is not None else (None, None)
     n_classes = n_classes or int(np.max(y)) + 1
     filters: dict = dict.fromkeys(FILTERS)
-    if config.discriminator and model is not None and model.has_discriminator:
+    if config.discriminator and config.discriminator_source == "posthoc" and fakes is not None and len(fakes[1]):
+        filters["discriminator"] = RealnessFilter(
+            n_classes, config.discriminator_quantile, config.discriminator_steps, config.calibration_folds, device=str(device),
+            random_state=config.seed,
+        ).fit(x, y, *fakes, held_x, held_y)
+    elif config.discriminator and config.discriminator_source == "model" and model is not None and model.has_discriminator:
         calibration = held_out if held_out is not None else (x, y)
         filters["discriminator"] = DiscriminatorFilter(model, config.discriminator_quantile, device=str(device)).fit(*calibration)
     if config.classifier:
@@ -82,7 +103,9 @@ def calibration_note(prepared: PreparedData, filters: dict) -> str:
         parts.append(f"classifier thresholds: {filters['classifier'].calibrated_on_}")
     if filters.get("novelty") is not None:
         parts.append("novelty scales: leave-one-out distances within each class")
-    if filters.get("discriminator") is not None:
+    if isinstance(filters.get("discriminator"), RealnessFilter):
+        parts.append("discriminator (posthoc) thresholds: out-of-fold scores of real and generated images")
+    elif filters.get("discriminator") is not None:
         parts.append("discriminator thresholds: the training images (the discriminator saw them)")
     return "no held-out images; " + ("; ".join(parts) if parts else "no filter on")
 
@@ -233,8 +256,10 @@ def summarize(table: pd.DataFrame, quotas: np.ndarray, filters: dict, class_name
             entry[f"{f}_threshold"] = float(fitted.thresholds_[label]) if fitted is not None else "n/a"
         per_class[name] = entry
     shortfalls = {name: e["shortfall"] for name, e in per_class.items() if e["shortfall"] > 0}
+    posthoc = filters.get("discriminator")
     return {
         "filters": {f: ("on" if filters.get(f) is not None else "n/a") for f in FILTERS},
+        "discriminator_separation": posthoc.separation_ if isinstance(posthoc, RealnessFilter) else None,
         "generated": len(table), "accepted": int(table["accepted"].sum()), "quota": int(np.sum(quotas)),
         "topup_rounds": len(history), "topup_requests": history, "shortfalls": shortfalls, "per_class": per_class,
     }
@@ -252,12 +277,14 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     device = resolve_device(config.filter.device)
     model_path = model_path_for(config, models_root)
     model = load_model(model_path, device)
-    filters = fit_filters(config.filter, prepared, model, device)
+    latent = pool_summary.get("latent", "prior")
+    fakes = reference_samples(model, prepared.n_classes, config.filter, config.generate, str(device), latent)
+    filters = fit_filters(config.filter, prepared, model, device, fakes)
     quotas = compute_quotas(prepared.train.counts(), config.generate)
     gen_device = str(resolve_device(config.generate.device))
     with atomic_dir(synthetic_root) as work_dir:  # the previous accepted set stays whole until this block succeeds
         table, shards, history = run_rounds(pool_dir, work_dir / "topup", filters, quotas, config.generate, model_path, gen_device,
-                                            pool_summary.get("latent", "prior"))
+                                            latent)
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
         summary["calibration"] = calibration_note(prepared, filters)

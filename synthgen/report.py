@@ -123,6 +123,14 @@ def selection_text(metrics: dict) -> str:
 
 
 # -------------------------------------------------------------------- markdown
+def ablation_text(ablation: dict | None) -> str:
+    """One sentence on whether filtering paid: filtered minus unfiltered samples, same recipe and class counts."""
+    if not ablation:
+        return "_No filter ablation (no accepted or no unfiltered samples)._"
+    return (f"Filtering against no filtering: `{ablation['filtered']}` minus `{ablation['unfiltered']}` (as many raw "
+            f"candidates per class): {_interval(ablation['gain'], signed=True)} points balanced accuracy.")
+
+
 def render_markdown(metrics: dict, card: dict) -> str:
     """The whole REPORT.md. ``card``: class_names, meta, generator, filter_summary, params, figures."""
     class_names = list(card["class_names"])
@@ -156,13 +164,15 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "",
         f"Model `{generator.get('model')}`, checkpoint `{generator.get('path')}`, sha256 `{generator.get('sha256')}`, "
         f"{generator.get('steps')} steps. Sampling: `generate.latent={generate_params.get('latent')}` "
-        f"(auto: between encoded training images of the class for the cVAE, prior draws for the cGAN), "
+        f"(auto: between encoded training images of the class for the cVAE and VAE-GAN, prior draws for the cGAN), "
         f"`latent_noise={generate_params.get('latent_noise')}`.",
         "",
         "## Filtering",
         "",
         f"Thresholds calibrated on {card.get('calibration') or 'n/a'}. Counts before/after filtering. Filter params: "
         + ", ".join(f"`{k}={v}`" for k, v in ((card.get("params") or {}).get("filter") or {}).items()) + ".",
+        "",
+        ablation_text(metrics.get("filter_ablation")),
         "",
         markdown_table(filter_rows(card.get("filter_summary"))),
         "",

@@ -135,9 +135,10 @@ class SynthgenSampler(BaseSampler):
         generator, _, self.train_summary_ = train_stage.fit_generator(train_config, images, codes, n_classes=n_classes)
         device = str(resolve_device(generate_config.device))
         self.generator_ = generator.fuse().to(device)  # weights are final: sample as a loaded generator does
-        self.filters_ = filter_stage.fit_filters_on(filter_config, images, codes, self.generator_,
-                                                    resolve_device(filter_config.device), n_classes=n_classes)
         latent = generate_stage.resolve_latent(generate_config.latent, self.generator_)
+        fakes = filter_stage.reference_samples(self.generator_, n_classes, filter_config, generate_config, device, latent)
+        self.filters_ = filter_stage.fit_filters_on(filter_config, images, codes, self.generator_,
+                                                    resolve_device(filter_config.device), n_classes=n_classes, fakes=fakes)
 
         def draw(requests: np.ndarray, first_id: int) -> dict[str, np.ndarray]:
             return generate_stage.generate_candidates(self.generator_, requests, first_id, generate_config, device, latent)

@@ -1,4 +1,4 @@
-"""Stage `train`: one training loop for the cGAN and the cVAE, resumable bit for bit on the CPU.
+"""Stage `train`: one training loop for the cGAN, the cVAE and the VAE-GAN, resumable bit for bit on the CPU.
 
 The whole training split sits on the device as one tensor; batches are drawn by index (with
 replacement) from a seeded CPU ``torch.Generator`` that also draws all noise and DiffAugment
@@ -44,7 +44,7 @@ from synthgen.data import load_prepared
 from synthgen.tensors import to_tensor
 from synthgen.device import resolve_device
 from synthgen.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
-from synthgen.models import cgan, cvae
+from synthgen.models import cgan, cvae, vaegan
 from synthgen.models.diffaugment import parse_policy
 from synthgen.train_state import (
     TrainingError, TrainState, build_state, checkpoint_payload, data_fingerprint, init_distributed, restore_state,
@@ -57,6 +57,8 @@ def train_mode(network: torch.nn.Module) -> None:
     network.train()
     if isinstance(network, cgan.CGAN):
         network.ema_generator.eval()  # only ever sampled from
+    if isinstance(network, vaegan.VAEGAN):
+        network.ema_decoder.eval()
 
 
 def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -64,10 +66,18 @@ def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
     batch = torch.randint(len(images), (config.batch_size,), generator=state.rng).to(images.device)
     real, batch_labels = images[batch], labels[batch]
     if config.model == "cgan":
-        policy = parse_policy(config.cgan.diffaugment)
+        section = config.cgan
         losses = cgan.train_step(
-            state.network, state.optimizers, real, batch_labels, state.rng, state.step, policy, config.cgan.ema_decay,
+            state.network, state.optimizers, real, batch_labels, state.rng, state.step, parse_policy(section.diffaugment),
+            section.ema_decay, section.lecam_weight, cgan.condition_strength(state.step, config.steps, section.condition_fade),
             **state.parallel,
+        )
+    elif config.model == "vaegan":
+        section = config.vaegan
+        losses = vaegan.train_step(
+            state.network, state.optimizers, real, batch_labels, state.rng, state.step,
+            cvae.kl_weight_at(state.step, section.kl_weight, section.kl_warmup_steps), section.adversarial_weight,
+            parse_policy(section.diffaugment), section.ema_decay, section.lecam_weight, **state.parallel,
         )
     else:
         kl_weight = cvae.kl_weight_at(state.step, config.cvae.kl_weight, config.cvae.kl_warmup_steps)
@@ -81,7 +91,7 @@ def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
 
 
 def validation_loss(config: TrainConfig, state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> float:
-    module = cgan if config.model == "cgan" else cvae
+    module = {"cgan": cgan, "cvae": cvae, "vaegan": vaegan}[config.model]
     return module.validation_loss(state.network, images, labels)
 
 
@@ -219,10 +229,11 @@ def training_summary(config: TrainConfig, state: TrainState, start_step: int, wa
 
 
 def trained_generator(state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> models.ConditionalGenerator:
-    """The sampling generator of a trained network; a cVAE keeps its training images' codes for ``interpolate``."""
+    """The sampling generator of a trained network; a cVAE (or VAE-GAN) keeps its training images' codes for ``interpolate``."""
     generator = models.as_generator(state.network, state.step)
-    if isinstance(state.network, cvae.CVAE):
-        generator.latent_bank = (cvae.encode_means(state.network, images, labels).cpu(), labels.cpu())
+    vae = state.network.vae if isinstance(state.network, vaegan.VAEGAN) else state.network
+    if isinstance(vae, cvae.CVAE):
+        generator.latent_bank = (cvae.encode_means(vae, images, labels).cpu(), labels.cpu())
     return generator
 
 

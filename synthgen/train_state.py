@@ -22,7 +22,7 @@ import torch.distributed as dist
 from synthgen import models
 from synthgen.config import TrainConfig, config_to_dict
 from synthgen.device import seed_everything
-from synthgen.models import cgan, cvae
+from synthgen.models import cgan, cvae, vaegan
 
 # Keys that may change between a checkpoint and its resumption without invalidating it.
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "log_every", "device")
@@ -36,7 +36,7 @@ class TrainingError(RuntimeError):
 class TrainState:
     """Everything that determines the rest of a run."""
 
-    network: torch.nn.Module  # cgan.CGAN or cvae.CVAE
+    network: torch.nn.Module  # cgan.CGAN, cvae.CVAE or vaegan.VAEGAN
     optimizers: dict[str, torch.optim.Optimizer]
     rng: torch.Generator  # batches, noise, DiffAugment draws
     step: int = 0
@@ -56,13 +56,15 @@ def build_state(
 ) -> TrainState:
     """Fresh weights and optimisers from ``config.seed``; ``image_shape`` is (C, H, W). Each rank gets its own batch seed."""
     seed_everything(config.seed)
-    section = config.cgan if config.model == "cgan" else config.cvae
+    section = getattr(config, config.model)  # the model's own section: cgan, cvae or vaegan
     model_config = models.model_config(
         config.model, n_classes, image_shape, latent_dim=section.latent_dim, base_channels=section.base_channels
     )
     network = models.build_network(model_config).to(device)
     if config.model == "cgan":
         optimizers = cgan.build_optimizers(network, config.cgan.lr_generator, config.cgan.lr_discriminator)
+    elif config.model == "vaegan":
+        optimizers = vaegan.build_optimizers(network, config.vaegan.lr, config.vaegan.lr_discriminator)
     else:
         optimizers = cvae.build_optimizers(network, config.cvae.lr)
     rng = torch.Generator().manual_seed(config.seed + 1 + 7919 * rank)
@@ -90,6 +92,11 @@ def wrap_parallel(state: TrainState, device: torch.device) -> None:
     if isinstance(network, cgan.CGAN):
         state.parallel = {
             "generator_net": DistributedDataParallel(network.generator, device_ids=ids),
+            "discriminator_net": DistributedDataParallel(network.discriminator, device_ids=ids),
+        }
+    elif isinstance(network, vaegan.VAEGAN):
+        state.parallel = {
+            "vae_net": DistributedDataParallel(network.vae, device_ids=ids),
             "discriminator_net": DistributedDataParallel(network.discriminator, device_ids=ids),
         }
     else:

@@ -89,6 +89,10 @@ def test_selection_and_every_arm_never_see_the_test_split(prepared):
     assert set(results["per_seed"]["arm"]) == expected
     n_train = results["per_seed"].groupby("arm")["n_train"].first()  # the ablation adds as many images as the treatment
     assert n_train[f"{best}+unfiltered"] == n_train[f"{best}+synthetic"] == len(prepared.train.y) + len(synthetic.y)
+    ablation = results["filter_ablation"]  # filtered minus unfiltered, paired by seed
+    assert (ablation["filtered"], ablation["unfiltered"]) == (f"{best}+synthetic", f"{best}+unfiltered")
+    per_seed = results["per_seed"].pivot(index="seed", columns="arm", values="balanced_accuracy")
+    assert ablation["gain"]["mean"] == pytest.approx((per_seed[f"{best}+synthetic"] - per_seed[f"{best}+unfiltered"]).mean())
 
 
 def test_budget_doubles_until_the_out_of_fold_curve_flattens():

@@ -18,7 +18,8 @@ from synthgen.models import build_generator, classifier, save_generator
 
 TINY = {
     "train.model": "cgan", "generate.min_per_class": 5, "generate.batch_size": 64, "generate.shard_size": 64, "generate.device": "cpu",
-    "generate.max_rounds": 2, "filter.classifier_steps": 10, "filter.device": "cpu",
+    "generate.max_rounds": 2, "filter.classifier_steps": 10, "filter.device": "cpu", "filter.discriminator_steps": 20,
+    "filter.discriminator_samples": 20,
 }
 
 
@@ -61,22 +62,24 @@ def test_thresholds_tighten_monotonically(tiny_prepared, models_root, pool_dir):
     # candidates: the (untrained-generator) pool plus real images, so every filter sees a spread of scores
     x, y = np.concatenate([pool.x, data.val.x, data.train.x]), np.concatenate([pool.y, data.val.y, data.train.y])
     fitters = {
-        "discriminator": lambda q: filters.DiscriminatorFilter(model, q).fit(data.val.x, data.val.y),
-        "classifier": lambda t: filters.ConfidenceFilter(10, t, "none", steps=10, device="cpu").fit(data.train.x, data.train.y),
-        "novelty": lambda t: filters.NoveltyFilter(t).fit(data.train.x, data.train.y, data.val.x, data.val.y),
+        ("discriminator", "model"): lambda q: filters.DiscriminatorFilter(model, q).fit(data.val.x, data.val.y),
+        ("discriminator", "posthoc"): lambda q: filters.RealnessFilter(10, q, steps=20, folds=2, width=8, device="cpu").fit(
+            data.train.x, data.train.y, pool.x, pool.y, data.val.x, data.val.y),
+        ("classifier", ""): lambda t: filters.ConfidenceFilter(10, t, "none", steps=10, device="cpu").fit(data.train.x, data.train.y),
+        ("novelty", ""): lambda t: filters.NoveltyFilter(t).fit(data.train.x, data.train.y, data.val.x, data.val.y),
     }
     settings = {"discriminator": [0.0, 0.3, 0.7, 1.0], "classifier": [0.0, 0.1, 0.12, 0.5], "novelty": [0.0, 1.0, 1.3, 5.0]}
     quotas = np.full(10, 10**6)
-    for name, fit in fitters.items():
+    for (name, source), fit in fitters.items():
         accepted_sets = []
         for setting in settings[name]:
             table = pd.DataFrame({"sample_id": np.arange(len(y)), "label": y, "round": 0, "shard": ""})
             table = table.assign(**flt.score_candidates(x, y, {name: fit(setting)}))
             accepted_sets.append(set(flt.select(table, quotas).query("accepted")["sample_id"]))
         sizes = [len(s) for s in accepted_sets]
-        assert all(a >= b for a, b in zip(sizes, sizes[1:])), (name, sizes)
-        assert all(tight <= loose for loose, tight in zip(accepted_sets, accepted_sets[1:])), name
-        assert sizes[0] >= len(data.val.y) and sizes[-1] < sizes[0], (name, sizes)
+        assert all(a >= b for a, b in zip(sizes, sizes[1:])), (name, source, sizes)
+        assert all(tight <= loose for loose, tight in zip(accepted_sets, accepted_sets[1:])), (name, source)
+        assert sizes[0] >= len(data.val.y) and sizes[-1] < sizes[0], (name, source, sizes)
 
 
 
@@ -162,7 +165,9 @@ def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root,
         return original_fit(self, X, y, sample_weight)
 
     monkeypatch.setattr(classifier.CNNClassifier, "fit", recording_fit)
-    run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"filter.novelty_threshold": 1e6, "generate.max_rounds": 1})
+    # the posthoc discriminator learns from generated images by design; this is about the confidence classifier
+    run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic",
+               **{"filter.novelty_threshold": 1e6, "generate.max_rounds": 1, "filter.discriminator_source": "model"})
     train = load_prepared(tiny_prepared).train
     assert len(seen) == 1  # fitted once, before scoring; never refitted during the top-up rounds
     np.testing.assert_array_equal(seen[0][0], train.x)
@@ -171,11 +176,12 @@ def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root,
 
 def test_in_memory_selection_matches_the_shard_path(tiny_prepared, models_root, pool_dir, tmp_path):
     """select_candidates (the sampler's path) and run_rounds (the stage's) share one selection and top-up loop."""
-    config = tiny_config(**{"filter.classifier": "false", "filter.discriminator_quantile": 0.0, "filter.novelty_threshold": 0.0})
+    config = tiny_config(**{"filter.classifier": "false", "filter.discriminator_quantile": 0.5, "filter.novelty_threshold": 0.0})
     prepared = load_prepared(tiny_prepared)
     model_path = generate.model_path_for(config, models_root)
     model = generate.load_model(model_path, "cpu")
-    fitted = flt.fit_filters(config.filter, prepared, model, "cpu")
+    fakes = flt.reference_samples(model, prepared.n_classes, config.filter, config.generate, "cpu", "prior")
+    fitted = flt.fit_filters(config.filter, prepared, model, "cpu", fakes)
     quotas = generate.compute_quotas(prepared.train.counts(), config.generate)
     shard_table, shards, shard_history = flt.run_rounds(pool_dir, tmp_path / "work", fitted, quotas, config.generate, model_path, "cpu")
 
@@ -192,10 +198,18 @@ def test_in_memory_selection_matches_the_shard_path(tiny_prepared, models_root, 
         np.testing.assert_array_equal(accepted[key], on_disk[key][keep])
 
 
-def test_cvae_has_no_discriminator_filter(tiny_prepared, models_root, pool_dir, tmp_path):
-    summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic", **{"train.model": "cvae", "generate.max_rounds": 1})
-    assert summary["filters"]["discriminator"] == "n/a"
-    assert artifacts.load_manifest(tmp_path / "synthetic")["d_score"].isna().all()
+def test_every_generator_gets_a_discriminator_filter_by_default(tiny_prepared, models_root, pool_dir, tmp_path):
+    """The cVAE has no discriminator of its own: the default posthoc one is trained for it, and it rejects something."""
+    # an untrained generator's samples all look alike; the median cut shows the filter at work on them
+    summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a",
+                         **{"train.model": "cvae", "generate.max_rounds": 1, "filter.discriminator_quantile": 0.5})
+    assert summary["filters"]["discriminator"] == "on" and 0.5 <= summary["discriminator_separation"] <= 1
+    acceptance = [entry["discriminator_acceptance"] for entry in summary["per_class"].values()]
+    assert min(acceptance) < 1 and np.isfinite(artifacts.load_manifest(tmp_path / "a")["d_score"]).all()
+    own = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b",
+                     **{"train.model": "cvae", "generate.max_rounds": 1, "filter.discriminator_source": "model"})
+    assert own["filters"]["discriminator"] == "n/a"  # a cVAE has no discriminator of its own
+    assert artifacts.load_manifest(tmp_path / "b")["d_score"].isna().all()
 
 
 def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):

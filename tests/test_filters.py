@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.filters import ConfidenceFilter, NoveltyFilter, per_class_quantile
+from synthgen.filters import ConfidenceFilter, NoveltyFilter, RealnessFilter, per_class_quantile
 from synthgen.metrics import stratified_folds
 from synthgen.models import interpolate_codes
 
@@ -112,3 +112,33 @@ def test_rare_classes_borrow_codes_of_every_class_and_common_ones_keep_their_own
     assert (directions.norm(dim=1) > 1.0).sum() > 50
     prior = interpolate_codes((codes, code_labels), labels, torch.ones(400, 2), 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(prior[200:], torch.ones(200, 2))  # borrow_below=0: a one-code class keeps prior draws
+
+
+def _digits(per_class: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = np.concatenate([np.flatnonzero(digits.target == c)[offset : offset + per_class] for c in range(3)])
+    return (digits.images[rows] * 255 / 16).astype(np.uint8)[..., None], digits.target[rows]
+
+
+def _blurred(x: np.ndarray, seed: int) -> np.ndarray:
+    """'Generated' images: the real ones smeared over their neighbours plus noise (what a blurry generator makes)."""
+    smooth = (x.astype(float) + np.roll(x, 1, 1) + np.roll(x, 1, 2) + np.roll(x, -1, 1) + np.roll(x, -1, 2)) / 5
+    noisy = smooth + np.random.default_rng(seed).normal(0, 20, x.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def test_posthoc_discriminator_tells_real_from_generated_and_drops_only_the_least_real():
+    x, y = _digits(20)
+    fake_x, fake_y = _blurred(_digits(20, 20)[0], 0), y
+    realness = RealnessFilter(3, quantile=0.1, steps=150, folds=2, width=8, device="cpu").fit(x, y, fake_x, fake_y)
+    assert realness.separation_ > 0.8  # out-of-fold: it learned the difference, not the images
+    np.testing.assert_array_equal(realness.thresholds_, np.fmin(realness.real_thresholds_, realness.fake_thresholds_))
+    unseen_real, unseen_y = _digits(20, 60)
+    unseen_fake = _blurred(_digits(20, 80)[0], 1)
+    real_scores, fake_scores = realness.score(unseen_real, unseen_y), realness.score(unseen_fake, unseen_y)
+    assert real_scores.mean() > fake_scores.mean()
+    assert realness.keep(unseen_real, unseen_y).mean() >= 0.8
+    # the cut follows the generated images' own out-of-fold scores: most samples stay, the least real go
+    assert 0.5 <= realness.keep(unseen_fake, unseen_y).mean() < 1.0

@@ -13,7 +13,7 @@ from synthgen.models.diffaugment import cutout, diff_augment, parse_policy, tran
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 64), (1, 6, 10)]
 
 
-@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+@pytest.mark.parametrize("kind", ["cgan", "cvae", "vaegan"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sample_shapes_and_range(kind, shape):
     model = build_generator(kind, 3, shape, base_channels=4, latent_dim=8)
@@ -24,8 +24,8 @@ def test_sample_shapes_and_range(kind, shape):
     same_noise = [model.sample(torch.full((2,), k), torch.Generator().manual_seed(1)) for k in (0, 1)]
     assert (same_noise[0] - same_noise[1]).abs().max() > 1e-3  # the label reaches the output, even untrained
     assert model.n_classes == 3 and model.image_shape == shape
-    assert model.has_discriminator == (kind == "cgan")
-    if kind == "cgan":
+    assert model.has_discriminator == (kind != "cvae")
+    if kind != "cvae":
         assert model.discriminator_score(images, labels).shape == (4,)
     else:
         with pytest.raises(ValueError, match="no discriminator"):
@@ -54,7 +54,7 @@ def test_sampling_is_seeded_and_conditioned_on_labels():
         model.sample(torch.tensor([4]))
 
 
-@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+@pytest.mark.parametrize("kind", ["cgan", "cvae", "vaegan"])
 def test_save_load_round_trip(tmp_path, kind):
     model = build_generator(kind, 3, (3, 16, 16), seed=1, base_channels=4, latent_dim=8)
     path = save_generator(model, tmp_path / "generator.pt", {"model": kind})
@@ -198,3 +198,26 @@ def test_classifier_predicts_through_the_folded_copy_with_the_same_outputs():
         features = model.model_.features(inputs).numpy()
     np.testing.assert_allclose(model.predict_proba(X), expected, atol=1e-5)
     np.testing.assert_allclose(model.transform(X), features, atol=1e-4)
+
+
+def test_condition_strength_fades_in_linearly_between_the_fractions():
+    fade = (0.1, 0.5)
+    assert [cgan.condition_strength(step, 100, fade) for step in (0, 9, 10, 30, 50, 99)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert cgan.condition_strength(0, 100, (0.0, 0.0)) == 1.0  # [0, 0]: conditional from the start
+    network = cgan.CGAN(cgan.CGANConfig(3, (1, 8, 8), latent_dim=8, base_channels=4))
+    torch.nn.init.normal_(network.generator.out_norm.gain.weight)  # make the class terms non-zero
+    z = torch.randn(2, 8).repeat(2, 1)
+    labels = torch.tensor([0, 0, 2, 2])
+    network.generator.eval()
+    unconditional = network.generator(z, labels, strength=0.0)
+    assert torch.allclose(unconditional[:2], unconditional[2:])  # strength 0: the label has no effect
+    conditional = network.generator(z, labels, strength=1.0)
+    assert (conditional[:2] - conditional[2:]).abs().max() > 1e-3
+
+
+def test_lecam_penalty_is_zero_on_the_right_side_of_the_anchors_and_tracks_them():
+    anchors = torch.tensor([1.0, -1.0])  # running means of D on (real, fake)
+    assert cgan.lecam_penalty(torch.tensor([-2.0, -1.5]), torch.tensor([2.0, 1.5]), anchors.clone()) == 0
+    penalty = cgan.lecam_penalty(torch.tensor([0.0]), torch.tensor([0.0]), anchors)
+    assert penalty == pytest.approx(1.0 + 1.0)  # relu(0 - (-1))^2 + relu(1 - 0)^2
+    assert anchors.tolist() == pytest.approx([0.99, -0.99])  # moved 1% toward the batch means

@@ -54,6 +54,9 @@ def test_repro_runs_every_stage_and_writes_the_outputs(pipeline_repo, repro_log,
     files = metrics[""]["data"] if "" in metrics else next(iter(metrics.values()))["data"]
     # filter_summary.json (hundreds of per-class fields) is an out of filter, not a metric
     assert set(files) == {"reports/metrics.json", f"models/{model}/summary.json"}
+    summary = json.loads((pipeline_repo / "data/synthetic/filter_summary.json").read_text())
+    assert summary["filters"]["discriminator"] == "on"  # every default run has one, whatever the generator
+    assert "filter_gain" in json.loads((pipeline_repo / "reports/metrics.json").read_text())
     filter_outs = {out["path"] for out in lock["stages"]["filter"]["outs"]}
     assert filter_outs == {"data/synthetic"}  # one directory, swapped in whole by the filter stage
 

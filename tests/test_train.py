@@ -24,6 +24,7 @@ TINY = [
     "train.model=cgan", "train.batch_size=16", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10",
     "train.device=cpu",
     "train.cgan.base_channels=4", "train.cgan.latent_dim=8", "train.cvae.base_channels=4", "train.cvae.latent_dim=4",
+    "train.vaegan.base_channels=4", "train.vaegan.latent_dim=4",
 ]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def run_main(prepared_dir: Path, root: Path, *overrides: str) -> dict:
     return train.main(config, prepared_dir, root / "models", root / "checkpoints")
 
 
-@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+@pytest.mark.parametrize("kind", ["cgan", "cvae", "vaegan"])
 def test_main_writes_outputs(prepared_dir, tmp_path, kind):
     summary = run_main(prepared_dir, tmp_path, f"train.model={kind}", "train.steps=20")
     out = tmp_path / "models" / kind
@@ -66,13 +67,16 @@ def test_main_writes_outputs(prepared_dir, tmp_path, kind):
     assert set(read_json(out / "summary.json")["pixel_diversity_ratio"]) == {"0", "1", "2", "3"}
     losses = pd.read_csv(out / "losses.csv")
     assert losses["step"].tolist() == [5, 10, 15, 20] and "val_loss" in losses
-    assert {"loss_d", "loss_g"} <= set(losses) if kind == "cgan" else {"loss", "recon", "kl"} <= set(losses)
+    expected = {"cgan": {"loss_d", "loss_g", "d_real", "d_fake", "strength"}, "cvae": {"loss", "recon", "kl"},
+                "vaegan": {"loss", "recon", "kl", "loss_d", "loss_g", "d_real", "d_fake"}}[kind]
+    assert expected <= set(losses), set(losses)
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["step-00010.png", "step-00020.png"]
     assert (out / "samples.png").stat().st_size > 0 and read_json(out / "config.json")["train"]["model"] == kind
     model = load_generator(out / "generator.pt")
     assert model.kind == kind and model.image_shape == (1, 8, 8) and model.step == 20
-    assert model.can_interpolate == (kind == "cvae")  # the cVAE keeps its training images' codes
-    if kind == "cvae":
+    assert model.can_interpolate == (kind != "cgan")  # the cVAE and VAE-GAN keep their training images' codes
+    assert model.has_discriminator == (kind != "cvae")
+    if kind != "cgan":
         train_labels = np.load(prepared_dir / "train.npz")["y"]
         assert model.latent_bank[0].shape == (len(train_labels), model.latent_dim)
         np.testing.assert_array_equal(model.latent_bank[1].numpy(), train_labels)
@@ -80,33 +84,47 @@ def test_main_writes_outputs(prepared_dir, tmp_path, kind):
     assert payload["step"] == 20
 
 
-@pytest.mark.parametrize("kind, steps", [("cvae", 150), ("cgan", 300)])
+@pytest.mark.parametrize("kind, steps", [("cvae", 150), ("cgan", 300), ("vaegan", 150)])
 def test_conditioning_really_conditions(prepared_dir, tmp_path, kind, steps):
-    run_main(prepared_dir, tmp_path, f"train.model={kind}", f"train.steps={steps}", "train.checkpoint_every=1000",
+    summary = run_main(prepared_dir, tmp_path, f"train.model={kind}", f"train.steps={steps}", "train.checkpoint_every=1000",
              "train.cgan.base_channels=8", "train.cgan.lr_generator=0.001", "train.cgan.lr_discriminator=0.001",
-             "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50", "train.cvae.kl_weight=1.0")
+             "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50", "train.cvae.kl_weight=1.0",
+             "train.vaegan.base_channels=8", "train.vaegan.kl_warmup_steps=50", "train.vaegan.kl_weight=1.0")
     model = load_generator(tmp_path / "models" / kind / "generator.pt")
     labels = torch.arange(4).repeat_interleave(50)
-    for latent in ("prior", "interpolate") if kind == "cvae" else ("prior",):
+    for latent in ("prior", "interpolate") if kind != "cgan" else ("prior",):
         images = model.sample(labels, torch.Generator().manual_seed(0), latent=latent)
         accuracy = (quadrant_of(images) == labels.numpy()).mean()
         assert accuracy >= 0.8, f"{kind} ({latent}): samples land in the conditioned quadrant {accuracy:.0%} of the time (chance 25%)"
+    # and no class collapses: its samples spread at least half as far apart as its real images (a collapsed class: ~0)
+    assert min(summary["pixel_diversity_ratio"].values()) >= 0.5, summary["pixel_diversity_ratio"]
 
 
 def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["network"]
 
 
-def test_resume_in_process_is_bit_identical(prepared_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["cgan", "vaegan"])
+def test_resume_in_process_is_bit_identical(prepared_dir, tmp_path, kind, monkeypatch):
+    # the cGAN's conditioning fades in over the run and both models carry LeCam anchors: all in the checkpoint
     straight = tmp_path / "straight"
-    run_main(prepared_dir, straight, "train.steps=30")
-    resumed = tmp_path / "resumed"
-    run_main(prepared_dir, resumed, "train.steps=17", "train.checkpoint_every=7")  # stops mid log window
-    summary = run_main(prepared_dir, resumed, "train.steps=30", "train.checkpoint_every=7")
-    assert summary["resumed_from_step"] == 17
-    for name, tensor in _weights(straight / "models/cgan/generator.pt").items():
-        assert torch.equal(tensor, _weights(resumed / "models/cgan/generator.pt")[name]), name
-    pd.testing.assert_frame_equal(pd.read_csv(straight / "models/cgan/losses.csv"), pd.read_csv(resumed / "models/cgan/losses.csv"))
+    run_main(prepared_dir, straight, f"train.model={kind}", "train.steps=30")
+    resumed, write_checkpoint = tmp_path / "resumed", train.write_checkpoint
+
+    def crash_after_step_14(state, *args, **kwargs):
+        write_checkpoint(state, *args, **kwargs)
+        if state.step == 14:  # mid log window (log_every 5)
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(train, "write_checkpoint", crash_after_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(prepared_dir, resumed, f"train.model={kind}", "train.steps=30", "train.checkpoint_every=7")
+    monkeypatch.setattr(train, "write_checkpoint", write_checkpoint)
+    summary = run_main(prepared_dir, resumed, f"train.model={kind}", "train.steps=30", "train.checkpoint_every=7")
+    assert summary["resumed_from_step"] == 14
+    for name, tensor in _weights(straight / f"models/{kind}/generator.pt").items():
+        assert torch.equal(tensor, _weights(resumed / f"models/{kind}/generator.pt")[name]), name
+    pd.testing.assert_frame_equal(pd.read_csv(straight / f"models/{kind}/losses.csv"), pd.read_csv(resumed / f"models/{kind}/losses.csv"))
 
 
 def test_changed_config_starts_fresh(prepared_dir, tmp_path, capsys):
@@ -221,13 +239,14 @@ def test_sigkill_and_resume_matches_uninterrupted_run(prepared_dir, tmp_path):
     assert (straight / "models/cgan/losses.csv").read_text() == (killed / "models/cgan/losses.csv").read_text()
 
 
-def test_nan_loss_stops_with_step_and_no_poisoned_checkpoint(prepared_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["cvae", "vaegan"])
+def test_nan_loss_stops_with_step_and_no_poisoned_checkpoint(prepared_dir, tmp_path, kind):
     with pytest.raises(train.TrainingError, match="non-finite loss at step 2"):
-        run_main(prepared_dir, tmp_path, "train.model=cvae", "train.steps=50", "train.cvae.lr=1e6", "train.checkpoint_every=1")
-    payload = torch.load(tmp_path / "checkpoints/cvae/last.pt", weights_only=True)
+        run_main(prepared_dir, tmp_path, f"train.model={kind}", "train.steps=50", f"train.{kind}.lr=1e6", "train.checkpoint_every=1")
+    payload = torch.load(tmp_path / f"checkpoints/{kind}/last.pt", weights_only=True)
     assert payload["step"] == 1  # the last good state, never the diverged one
     assert all(torch.isfinite(t).all() for t in payload["network"].values() if t.is_floating_point())
-    assert not (tmp_path / "models" / "cvae").exists()
+    assert not (tmp_path / "models" / kind).exists()
 
 
 def test_cli_reports_divergence_with_exit_code_2(prepared_dir, tmp_path):

@@ -34,12 +34,13 @@ from torch import nn
 from synthgen.config import GenerateConfig
 from synthgen.device import autocast, inference_rows
 from synthgen.io import atomic_write_bytes
-from synthgen.models import cgan, cvae, fused
+from synthgen.models import cgan, cvae, fused, vaegan
 
 FORMAT = "synthgen-generator/1"
 DEFAULT_LATENT_NOISE = GenerateConfig.model_fields["latent_noise"].default  # one home: config.py
 MIN_CODES_TO_INTERPOLATE = 2  # one code gives only near-copies of its image (MNIST long tail: every candidate rejected)
-MODEL_KINDS = ("cgan", "cvae")
+MODEL_KINDS = ("cgan", "cvae", "vaegan")
+CONFIG_CLASSES = {"cgan": cgan.CGANConfig, "cvae": cvae.CVAEConfig, "vaegan": vaegan.VAEGANConfig}
 
 
 class ConditionalGenerator:
@@ -48,8 +49,8 @@ class ConditionalGenerator:
     def __init__(self, kind: str, config, network: nn.Module, discriminator: nn.Module | None = None, step: int = 0,
                  latent_bank: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kind = kind
-        self.config = config  # cgan.CGANConfig or cvae.CVAEConfig
-        self.network = network.eval()  # (z, labels) -> raw output; see _activation
+        self.config = config  # cgan.CGANConfig, cvae.CVAEConfig or vaegan.VAEGANConfig
+        self.network = network.eval()  # (z, labels) -> raw output; see _activation (the vaegan's EMA decoder)
         self.discriminator = discriminator.eval() if discriminator is not None else None
         self.step = step
         self.latent_bank = latent_bank  # (codes (M, latent_dim) float32, labels (M,) int64) on the CPU, or None
@@ -92,7 +93,7 @@ class ConditionalGenerator:
         return self
 
     def _activation(self, raw: torch.Tensor) -> torch.Tensor:
-        return cgan.output_activation(raw) if self.kind == "cgan" else cvae.output_activation(raw)
+        return cgan.output_activation(raw) if self.kind == "cgan" else cvae.output_activation(raw)  # vaegan: Bernoulli logits
 
     @property
     def can_interpolate(self) -> bool:
@@ -132,7 +133,7 @@ class ConditionalGenerator:
 
     @torch.inference_mode()
     def discriminator_score(self, images: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) images in [-1, 1] and (N,) class ids -> (N,) float32 realness logits (cGAN only)."""
+        """(N, C, H, W) images in [-1, 1] and (N,) class ids -> (N,) float32 realness logits (cgan, vaegan)."""
         if self.discriminator is None:
             raise ValueError(f"a {self.kind} has no discriminator; check has_discriminator first")
         device = self.device
@@ -189,22 +190,26 @@ def interpolate_codes(bank: tuple[torch.Tensor, torch.Tensor], labels: torch.Ten
 
 # ------------------------------------------------------------------ building and I/O
 def model_config(kind: str, n_classes: int, image_shape: tuple[int, int, int], **sizes):
-    """The config dataclass of ``kind`` ('cgan' or 'cvae'); ``sizes`` override its fields."""
+    """The config dataclass of ``kind`` ('cgan', 'cvae' or 'vaegan'); ``sizes`` override its fields."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model {kind!r}; choose from {list(MODEL_KINDS)}")
-    config_class = cgan.CGANConfig if kind == "cgan" else cvae.CVAEConfig
-    return config_class(n_classes=int(n_classes), image_shape=tuple(int(v) for v in image_shape), **sizes)
+    return CONFIG_CLASSES[kind](n_classes=int(n_classes), image_shape=tuple(int(v) for v in image_shape), **sizes)
 
 
 def build_network(config) -> nn.Module:
-    """The full trainable module (cgan.CGAN or cvae.CVAE) for a config dataclass."""
+    """The full trainable module (cgan.CGAN, cvae.CVAE or vaegan.VAEGAN) for a config dataclass."""
+    if isinstance(config, vaegan.VAEGANConfig):  # first: a VAEGANConfig is also a CVAEConfig
+        return vaegan.VAEGAN(config)
     return cgan.CGAN(config) if isinstance(config, cgan.CGANConfig) else cvae.CVAE(config)
 
 
 def as_generator(network: nn.Module, step: int = 0) -> ConditionalGenerator:
-    """Wrap a training module for sampling: the cGAN's EMA generator + discriminator, the cVAE's decoder."""
+    """Wrap a training module for sampling: the cGAN's EMA generator + discriminator, the cVAE's decoder,
+    the VAE-GAN's EMA decoder + discriminator."""
     if isinstance(network, cgan.CGAN):
         return ConditionalGenerator("cgan", network.config, network.ema_generator, network.discriminator, step)
+    if isinstance(network, vaegan.VAEGAN):
+        return ConditionalGenerator("vaegan", network.config, network.ema_decoder, network.discriminator, step)
     return ConditionalGenerator("cvae", network.config, network.decoder, None, step)
 
 

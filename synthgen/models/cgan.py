@@ -7,6 +7,11 @@
   projection head (Miyato & Koyama 2018): ``D(x, y) = w . h + embed(y) . h``.
 * Hinge loss, DiffAugment on everything the discriminator sees, EMA of the generator weights
   (what sampling uses). ``train_step`` is one discriminator step plus one generator step.
+* Against collapse on scarce data: the LeCam regulariser (Tseng et al. 2021) pulls D's outputs on
+  real images toward the running mean of its outputs on fakes and vice versa, and class
+  conditioning fades in (Shahbazi et al. 2022): every class-dependent term (the generator's class
+  embedding and class-conditional BN, the discriminator's projection) is scaled by a ``strength``
+  that rises from 0 to 1, so the generator first learns what all classes share.
 """
 
 from __future__ import annotations
@@ -64,9 +69,9 @@ class ConditionalBatchNorm(nn.Module):
         nn.init.zeros_(self.gain.weight)  # starts as plain BN: scale 1 + 0, shift 0
         nn.init.zeros_(self.bias.weight)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        gain = 1.0 + self.gain(labels)[:, :, None, None]  # (N, C, 1, 1)
-        return self.norm(x) * gain + self.bias(labels)[:, :, None, None]
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        gain = 1.0 + strength * self.gain(labels)[:, :, None, None]  # (N, C, 1, 1)
+        return self.norm(x) * gain + strength * self.bias(labels)[:, :, None, None]
 
 
 class Generator(nn.Module):
@@ -86,12 +91,13 @@ class Generator(nn.Module):
         self.out_norm = ConditionalBatchNorm(channels[-1], config.n_classes)
         self.out_conv = nn.Conv2d(channels[-1], channels_out, 3, padding=1)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.stem(torch.cat([z, self.embed(labels)], dim=1))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """``strength`` scales every class-dependent term (1: fully conditional, 0: unconditional)."""
+        h = self.stem(torch.cat([z, strength * self.embed(labels)], dim=1))
         h = h.view(z.shape[0], -1, *self.base_size)  # (N, C0, h0, w0)
         for norm, conv in zip(self.norms, self.convs):
-            h = conv(F.interpolate(F.relu(norm(h, labels)), scale_factor=2.0, mode="nearest"))
-        h = self.out_conv(F.relu(self.out_norm(h, labels)))  # (N, C, h0 * 2^k, w0 * 2^k)
+            h = conv(F.interpolate(F.relu(norm(h, labels, strength)), scale_factor=2.0, mode="nearest"))
+        h = self.out_conv(F.relu(self.out_norm(h, labels, strength)))  # (N, C, h0 * 2^k, w0 * 2^k)
         return center_crop(h, self.config.image_shape[1:])
 
 
@@ -113,13 +119,13 @@ class Discriminator(nn.Module):
         self.linear = spectral_norm(nn.Linear(channels[-1], 1))
         self.embed = spectral_norm(nn.Embedding(config.n_classes, channels[-1]))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
             x = F.leaky_relu(conv(x), 0.2)
             if i < self.n_levels:
                 x = F.avg_pool2d(x, 2)
         h = x.sum(dim=(2, 3))  # (N, C_last) global sum pooling
-        return self.linear(h).squeeze(1) + (self.embed(labels) * h).sum(dim=1)
+        return self.linear(h).squeeze(1) + strength * (self.embed(labels) * h).sum(dim=1)
 
 
 class CGAN(nn.Module):
@@ -131,6 +137,42 @@ class CGAN(nn.Module):
         self.generator = Generator(config)
         self.discriminator = Discriminator(config)
         self.ema_generator = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.register_buffer("lecam_anchors", torch.zeros(2))  # running means of D on (real, fake): in checkpoints
+
+
+def condition_strength(step: int, total_steps: int, fade: tuple[float, float]) -> float:
+    """Class-conditioning strength at ``step``: 0 before ``fade[0] * total_steps``, 1 after ``fade[1] * total_steps``, linear between."""
+    start, end = fade[0] * total_steps, fade[1] * total_steps
+    if step >= end:
+        return 1.0
+    if step < start:
+        return 0.0
+    return (step - start) / (end - start)
+
+
+def lecam_penalty(real_logits: torch.Tensor, fake_logits: torch.Tensor, anchors: torch.Tensor, decay: float = 0.99) -> torch.Tensor:
+    """LeCam regulariser (Tseng et al. 2021) of one discriminator step; updates ``anchors`` (running
+    means of D on real and on fake images) in place after computing the penalty."""
+    penalty = F.relu(real_logits - anchors[1]).pow(2).mean() + F.relu(anchors[0] - fake_logits).pow(2).mean()
+    with torch.no_grad():
+        anchors.lerp_(torch.stack([real_logits.mean(), fake_logits.mean()]).detach().to(anchors.dtype), 1.0 - decay)
+    return penalty
+
+
+def discriminator_update(discriminator: nn.Module, optimizer: torch.optim.Optimizer, real: torch.Tensor, fake: torch.Tensor,
+                         labels: torch.Tensor, rng: torch.Generator, policy: tuple[str, ...], lecam_weight: float,
+                         anchors: torch.Tensor, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """One hinge-loss step of a projection discriminator on real vs (detached) fake (N, C, H, W) images."""
+    with autocast(real.device):
+        # one pass over real and fake together: (2N, C, H, W) -> (2N,) logits
+        augmented = torch.cat([diff_augment(real, policy, rng), diff_augment(fake, policy, rng)])
+        real_logits, fake_logits = discriminator(augmented, torch.cat([labels, labels]), strength).float().chunk(2)
+    loss_d = hinge_discriminator_loss(real_logits, fake_logits)
+    total = loss_d + lecam_weight * lecam_penalty(real_logits, fake_logits, anchors) if lecam_weight > 0 else loss_d
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return {"loss_d": loss_d.detach(), "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
 
 
 def output_activation(raw: torch.Tensor) -> torch.Tensor:
@@ -176,41 +218,32 @@ def train_step(
     step: int,
     policy: tuple[str, ...],
     ema_decay: float,
+    lecam_weight: float = 0.0,
+    strength: float = 1.0,
     generator_net: nn.Module | None = None,
     discriminator_net: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """One discriminator step and one generator step on a batch of real (N, C, H, W) images.
 
-    ``generator_net`` / ``discriminator_net`` are the modules to call (e.g. DistributedDataParallel
-    wrappers); by default the model's own networks.
+    ``strength``: class-conditioning strength (:func:`condition_strength`). ``generator_net`` /
+    ``discriminator_net`` are the modules to call (e.g. DistributedDataParallel wrappers); by
+    default the model's own networks.
     """
     device, latent_dim = real.device, model.config.latent_dim
     generator = generator_net if generator_net is not None else model.generator
     discriminator = discriminator_net if discriminator_net is not None else model.discriminator
+    with torch.no_grad(), autocast(device):
+        fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels, strength))
+    losses = discriminator_update(discriminator, optimizers["discriminator"], real, fake.float(), labels, rng, policy, lecam_weight,
+                                  model.lecam_anchors, strength)
     with autocast(device):
-        with torch.no_grad():
-            fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels))
-        # One discriminator pass over real and fake together: (2N, C, H, W) -> (2N,) logits.
-        augmented = torch.cat([diff_augment(real, policy, rng), diff_augment(fake, policy, rng)])
-        real_logits, fake_logits = discriminator(augmented, torch.cat([labels, labels])).float().chunk(2)
-    loss_d = hinge_discriminator_loss(real_logits, fake_logits)
-    optimizers["discriminator"].zero_grad(set_to_none=True)
-    loss_d.backward()
-    optimizers["discriminator"].step()
-
-    with autocast(device):
-        fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels))
-        loss_g = hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), labels).float())
+        fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels, strength))
+        loss_g = hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), labels, strength).float())
     optimizers["generator"].zero_grad(set_to_none=True)
     loss_g.backward()
     optimizers["generator"].step()
     update_ema(model.ema_generator, generator, ema_decay, step)
-    return {
-        "loss_d": loss_d.detach(),
-        "loss_g": loss_g.detach(),
-        "d_real": real_logits.detach().mean(),
-        "d_fake": fake_logits.detach().mean(),
-    }
+    return {**losses, "loss_g": loss_g.detach(), "strength": torch.tensor(strength)}
 
 
 @torch.no_grad()

@@ -1,0 +1,95 @@
+"""Adversarial class-conditional VAE (a VAE-GAN): the cVAE plus a projection discriminator.
+
+The cVAE is what works on scarce data (its encoder's latent bank lets sampling interpolate between
+real images of a class, so samples stay diverse), but its decoder is trained by a per-pixel
+likelihood alone and its samples are blurry. Here a discriminator of the cGAN's kind (spectral
+norm, projection head, hinge loss, DiffAugment on everything it sees, LeCam regulariser) judges the
+decoder's reconstructions of real images, and the decoder minimises
+
+    reconstruction + kl_weight * KL + adversarial_weight * C*H*W * hinge_generator_loss
+
+so that its outputs are pushed toward the real-image manifold while the reconstruction term keeps
+each output tied to the image it encodes: the adversarial term cannot collapse a class onto a
+few modes, because every real image must still be reconstructed. Sampling uses an EMA of the
+decoder, and the discriminator comes with the generator (``has_discriminator``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from synthgen.device import autocast
+from synthgen.models import cgan, cvae
+from synthgen.models.diffaugment import diff_augment
+
+
+@dataclass(frozen=True)
+class VAEGANConfig(cvae.CVAEConfig):
+    """Same sizes as the cVAE; the discriminator follows the decoder's (cGAN) layout."""
+
+
+class VAEGAN(nn.Module):
+    """``vae`` (encoder + decoder, a :class:`cvae.CVAE`), ``discriminator`` and the EMA decoder used for sampling."""
+
+    def __init__(self, config: VAEGANConfig):
+        super().__init__()
+        self.config = config
+        self.vae = cvae.CVAE(config)
+        self.discriminator = cgan.Discriminator(config.decoder_config())
+        self.ema_decoder = copy.deepcopy(self.vae.decoder).requires_grad_(False).eval()
+        self.register_buffer("lecam_anchors", torch.zeros(2))  # running means of D on (real, fake): in checkpoints
+
+
+def build_optimizers(model: VAEGAN, lr: float, lr_discriminator: float) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "vae": torch.optim.Adam(model.vae.parameters(), lr=lr),
+        "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=lr_discriminator, betas=(0.0, 0.99)),
+    }
+
+
+def train_step(
+    model: VAEGAN,
+    optimizers: dict[str, torch.optim.Optimizer],
+    real: torch.Tensor,
+    labels: torch.Tensor,
+    rng: torch.Generator,
+    step: int,
+    kl_weight: float,
+    adversarial_weight: float,
+    policy: tuple[str, ...],
+    ema_decay: float,
+    lecam_weight: float = 0.0,
+    vae_net: nn.Module | None = None,
+    discriminator_net: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """One discriminator step on real vs reconstructed (N, C, H, W) images, then one VAE step on
+    the negative ELBO plus the adversarial term. ``vae_net`` / ``discriminator_net``: e.g. DDP wrappers."""
+    vae = vae_net if vae_net is not None else model.vae
+    discriminator = discriminator_net if discriminator_net is not None else model.discriminator
+    noise = torch.randn(len(real), model.config.latent_dim, generator=rng).to(real.device)
+    with autocast(real.device):
+        logits, mu, logvar = vae(real, labels, noise)
+    fake = cvae.output_activation(logits.float())
+    losses = cgan.discriminator_update(discriminator, optimizers["discriminator"], real, fake.detach(), labels, rng, policy,
+                                       lecam_weight, model.lecam_anchors)
+    loss, recon, kl = cvae.cvae_loss(logits.float(), real, mu.float(), logvar.float(), kl_weight)
+    with autocast(real.device):
+        adversarial = cgan.hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), labels).float())
+    pixels = real[0].numel()
+    total = loss + adversarial_weight * pixels * adversarial
+    optimizers["vae"].zero_grad(set_to_none=True)
+    total.backward()
+    optimizers["vae"].step()
+    optimizers["discriminator"].zero_grad(set_to_none=True)  # the decoder's step left gradients in D; D's next step starts clean
+    cgan.update_ema(model.ema_decoder, model.vae.decoder, ema_decay, step)
+    return {**losses, "loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "loss_g": adversarial.detach()}
+
+
+@torch.no_grad()
+def validation_loss(model: VAEGAN, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The cVAE's held-out negative ELBO (KL weight 1)."""
+    return cvae.validation_loss(model.vae, images, labels)
