@@ -165,6 +165,9 @@ class TrainConfig(Section):
         None, ge=1, description="Stop after this many evaluations without a better val loss (null: never)."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+    channels_last: bool = Field(
+        True, description="Train with NHWC (channels-last) tensors: the same function, faster convolutions (bench/bench_train_speed.py)."
+    )
     cgan: CGANSection = CGANSection()
     cvae: CVAESection = CVAESection()
     vaegan: VAEGANSection = VAEGANSection()

@@ -187,9 +187,11 @@ def fit_generator(
     state = build_state(config, n_classes or int(np.max(y)) + 1, (channels, height, width), device, rank, world_size)
     if resume_state is not None:
         restore_state(state, resume_state)
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    state.network.to(memory_format=layout)  # in place: the optimisers keep their parameters
     wrap_parallel(state, device)
     start_step = state.step
-    images, labels = to_tensor(x, device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+    images, labels = to_tensor(x, device).contiguous(memory_format=layout), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
     val_data = None
     if x_val is not None and len(x_val):
         val_data = (to_tensor(x_val, device), torch.from_numpy(np.asarray(y_val, dtype=np.int64)).to(device))
