@@ -141,7 +141,7 @@ def rss_child(n_samples: int, model_path: str, prepared_dir: str, device: str) -
     prepared = data.load_prepared(prepared_dir)
     config = GenerateConfig(batch_size=1024, shard_size=4096)
     model = generate.load_model(model_path, device)
-    filters = flt.fit_filters(FilterConfig(classifier=False), prepared, model, torch.device(device))
+    filters = flt.fit_filters(FilterConfig(classifier=False, discriminator_source="model"), prepared, model, torch.device(device))
     requests = np.full(prepared.n_classes, n_samples // prepared.n_classes)
     with tempfile.TemporaryDirectory() as tmp:
         specs = generate.make_shard_specs(requests, 0, config, model_path, device, tmp)
@@ -171,10 +171,12 @@ def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, devi
         model_path = work / "untrained.pt"
         save_generator(build_generator("cgan", prepared.n_classes, image_shape), model_path)
     model = load_generator(model_path, device)
-    filters, fit_s = timed(flt.fit_filters, FilterConfig(classifier_steps=CLASSIFIER_STEPS), prepared, model, device)
-    labels = np.repeat(np.arange(prepared.n_classes), n_samples // prepared.n_classes)
     latent = generate.resolve_latent("auto", model)  # as `synthgen generate` samples: interpolation for a cVAE
-    active = [name for name in flt.FILTERS if filters.get(name) is not None]  # a cVAE has no discriminator filter
+    filter_config = FilterConfig(classifier_steps=CLASSIFIER_STEPS)  # the posthoc discriminator learns from reference samples
+    fakes = flt.reference_samples(model, prepared.n_classes, filter_config, GenerateConfig(), str(device), latent)
+    filters, fit_s = timed(flt.fit_filters, filter_config, prepared, model, device, fakes)
+    labels = np.repeat(np.arange(prepared.n_classes), n_samples // prepared.n_classes)
+    active = [name for name in flt.FILTERS if filters.get(name) is not None]  # every filter that is on
     warm = generate.sample_batches(model, labels[:batch_size], 0, batch_size, 0, device, latent)  # kernels picked, memory pooled
     for name in active:
         filters[name].score(warm, labels[:batch_size])

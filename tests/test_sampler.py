@@ -15,8 +15,8 @@ from synthgen.sampler import SynthgenSampler
 
 TRAIN = {"steps": 30, "batch_size": 16, "device": "cpu", "cvae": {"base_channels": 8, "latent_dim": 4, "kl_warmup_steps": 10}}
 GENERATE = {"min_per_class": 0, "batch_size": 64, "device": "cpu"}
-EVERYTHING_PASSES = {"classifier": False, "novelty": False, "device": "cpu"}
-FILTERED = {"classifier_steps": 40, "device": "cpu"}
+EVERYTHING_PASSES = {"discriminator": False, "classifier": False, "novelty": False, "device": "cpu"}
+FILTERED = {"classifier_steps": 40, "discriminator_steps": 40, "discriminator_samples": 20, "device": "cpu"}
 TRAINED = {**TRAIN, "steps": 150, "cvae": {**TRAIN["cvae"], "kl_warmup_steps": 50, "kl_weight": 1.0}}  # samples the filters accept
 COUNTS = [12, 5, 1]  # a long tail down to one image
 
@@ -78,7 +78,7 @@ def test_filtered_output_is_deterministic_with_random_state():
     X_c, _ = sampler(train=TRAINED, filter=FILTERED, random_state=6).fit_resample(X, y)
     assert X_c.shape[0] != X_a.shape[0] or not np.array_equal(X_c, X_a)
     summary = first.filter_summary_
-    assert summary["filters"] == {"discriminator": "n/a", "classifier": "on", "novelty": "on"}
+    assert summary["filters"] == {"discriminator": "on", "classifier": "on", "novelty": "on"}  # a posthoc D for the cVAE
     accepted = [summary["per_class"][name]["accepted"] for name in ("0", "1", "2")]
     assert class_counts(y_a, (0, 1, 2)) == (np.array(COUNTS) + accepted).tolist()
     assert accepted[1] > 0 and accepted[2] > 0 and all(count <= 12 for count in class_counts(y_a, (0, 1, 2)))
