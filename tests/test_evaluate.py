@@ -219,3 +219,13 @@ def test_main_writes_small_metrics_and_details(tiny_prepared, tmp_path):
     assert saved["arms"]["real"]["balanced_accuracy"]["n"] == FAST.seeds
     assert len(saved["per_class_recall"]["real"]) == 10
     assert (tmp_path / "reports" / "evaluation" / "per_seed.csv").is_file()
+
+
+def test_unfiltered_ablation_takes_the_first_candidates_of_each_class_in_sample_id_order():
+    """The filter keeps the first passing candidates in sample-id order, so the ablation takes the
+    first candidates in the same order: both arms share every candidate the filters let through."""
+    ids = np.array([7, 3, 5, 0, 9, 4, 1])
+    y = np.array([0, 0, 1, 1, 0, 1, 0])
+    pool = LabeledImages(np.zeros((7, 2, 2, 1), np.uint8), y, ("a", "b"), ids)
+    rows = evaluate.first_candidates(pool, np.array([2, 1]))
+    assert sorted(ids[rows].tolist()) == [0, 1, 3]  # class a: ids 1, 3; class b: id 0
