@@ -135,7 +135,7 @@ class VAEGANSection(CVAESection):
 
     lr_discriminator: float = Field(2e-4, gt=0)
     adversarial_weight: float = Field(
-        0.02, ge=0, description="Weight of the decoder's hinge loss against D, per pixel (x C*H*W, so that it keeps its "
+        0.1, ge=0, description="Weight of the decoder's hinge loss against D, per pixel (x C*H*W, so that it keeps its "
         "share of the summed reconstruction loss at any image size)."
     )
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of decoder weights used for sampling.")
