@@ -1,5 +1,6 @@
 """Which filter costs or earns downstream accuracy? Matched ablation on a finished pipeline run.
 
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py            # bench_gain.py's default work dir, MNIST lt draw 0
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py /tmp/bench/lt0/mnist-lt-0
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py WORK --recipe real+classic --steps 500
 
@@ -40,11 +41,14 @@ def first_passing(labels: np.ndarray, mask: np.ndarray, quotas: np.ndarray, skip
 
 
 def main(
-    work: Annotated[Path, typer.Argument(help="Directory holding prepared/, pool/ and synthetic/.")],
+    work: Annotated[Path, typer.Argument(help="Directory holding prepared/, pool/ and synthetic/.")] = Path("/tmp/synthgen-bench-gain/mnist-lt-0"),
     recipe: Annotated[str, typer.Option(help="Downstream recipe.")] = "real+logit_adjust+classic",
     steps: Annotated[int, typer.Option(help="Classifier steps.")] = 500,
     seeds: Annotated[int, typer.Option(help="Classifier seeds.")] = 5,
 ) -> None:
+    if not (work / "synthetic" / "filter_summary.json").is_file():
+        print(f"{work} holds no finished run: run bench/bench_gain.py first (its --work), or pass a directory")
+        return
     prepared, pool = load_prepared(work / "prepared"), load_pool(work / "pool")
     manifest = load_manifest(work / "synthetic").set_index("sample_id").loc[pool.index]
     summary = json.loads((work / "synthetic" / "filter_summary.json").read_text())
