@@ -240,8 +240,8 @@ def filter_ablation(per_seed: pd.DataFrame, recipe: str, confidence: float) -> d
     filtered, unfiltered = f"{recipe}+synthetic", f"{recipe}+unfiltered"
     if not {filtered, unfiltered} <= set(per_seed["arm"]):
         return None
-    table = per_seed.pivot(index="seed", columns="arm", values="balanced_accuracy")
-    return {"filtered": filtered, "unfiltered": unfiltered, "gain": t_interval(table[filtered] - table[unfiltered], confidence)}
+    gain = paired_gains(per_seed, unfiltered, confidence)[filtered]["balanced_accuracy"]
+    return {"filtered": filtered, "unfiltered": unfiltered, "gain": gain}
 
 
 def check_disjoint(prepared: PreparedData) -> None:

@@ -84,7 +84,6 @@ def train_step(
     optimizers["vae"].zero_grad(set_to_none=True)
     total.backward()
     optimizers["vae"].step()
-    optimizers["discriminator"].zero_grad(set_to_none=True)  # the decoder's step left gradients in D; D's next step starts clean
     cgan.update_ema(model.ema_decoder, model.vae.decoder, ema_decay, step)
     return {**losses, "loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "loss_g": adversarial.detach()}
 
