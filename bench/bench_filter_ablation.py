@@ -1,16 +1,27 @@
-"""Which filter costs or earns downstream accuracy? Matched ablation on a finished pipeline run.
+"""Which filter costs or earns downstream accuracy? Paired ablation on a finished pipeline run.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py            # bench_gain.py's default work dir, MNIST lt draw 0
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py /tmp/bench/lt0/mnist-lt-0
-    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py WORK --recipe real+classic --steps 500
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py /tmp/bench/lt0/mnist-lt-0 --orders 4
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_filter_ablation.py WORK --recipe real+classic --steps 500 --quantiles 0.1,0.02
 
 WORK is a directory with ``prepared/``, ``pool/`` and ``synthetic/`` (what ``bench/bench_gain.py``
-leaves in ``--work``, or a project's ``data/`` after ``dvc repro`` with those names). For each
-variant the training set is the real images plus, per class, the first ``quota`` pool candidates
-in sample-id order that pass the named filters under the stage's own thresholds (the filter
-stage's selection rule), so variants share every candidate both let through. Two disjoint
-unfiltered halves of the pool measure how much the choice of samples alone moves the score.
-Prints balanced accuracy and tail-5 recall over ``--seeds`` classifier seeds.
+leaves in ``--work``, or a project's ``data/`` after ``dvc repro`` with those names). Each variant's
+training set is the real images plus, per class, the first ``quota`` pool candidates that pass the
+variant's filters, taken in one candidate order (the stage's rule; order 0 is sample-id order, the
+stage's own). Every variant of one order shares every candidate both let through, so the paired
+difference to "no filter" in the same order measures the filter, not which samples a classifier
+happened to get (two disjoint unfiltered sets differ by about a point on scarce data). ``--orders``
+repeats it over random candidate orders; the table gives the mean over orders x seeds and the
+paired difference to "no filter" with its t interval over orders.
+
+Variants: the stage's filters with its thresholds, each alone; the discriminator cut at other
+rejection rates (``--quantiles``: the q-quantile of the class's candidate scores, which is what the
+stage's cap on the generated quantile rejects), alone and with the confidence and novelty filters;
+the same share cut from the top instead (the most real-looking, most typical samples); and the
+confidence filter at fixed cuts (``--probabilities``: only samples the real-data classifier gives
+less than p for their class); instead of the first candidates, a spread-out subset (greedy k-center
+in pixel space, per class); the novelty filter at other multiples of each class's scale
+(``--novelty``: near-copies of a training image, by pixel distance).
 """
 
 from __future__ import annotations
@@ -28,16 +39,72 @@ from synthgen.artifacts import load_manifest, load_pool
 from synthgen.config import EvaluateConfig
 from synthgen.data import load_prepared
 from synthgen.evaluate import tail_classes
-from synthgen.filters import FILTERS, SCORE_COLUMNS
-from synthgen.metrics import score
+from synthgen.filters import FILTERS, SCORE_COLUMNS, per_class_quantile
+from synthgen.metrics import score, t_interval
 from synthgen.models.classifier import fit_members
 from synthgen.recipes import classifier_params, recipe_named
 
 
-def first_passing(labels: np.ndarray, mask: np.ndarray, quotas: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
-    """Rows of the first ``quotas[c]`` rows of class c with ``mask`` set (after skipping ``skip[c]`` of them)."""
-    skip = np.zeros(len(quotas), int) if skip is None else skip
-    return np.concatenate([np.flatnonzero(mask & (labels == c))[skip[c] : skip[c] + quotas[c]] for c in range(len(quotas))])
+def first_passing(labels: np.ndarray, mask: np.ndarray, quotas: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows of the first ``quotas[c]`` rows of class c with ``mask`` set, walking rows in ``order``."""
+    walked = order[mask[order]]
+    return np.concatenate([walked[labels[walked] == c][: quotas[c]] for c in range(len(quotas))])
+
+
+def k_center(x: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    """Greedy k-center: ``count`` of ``rows`` (x: uint8 images), each the one farthest in pixel space from
+    those already taken, starting from the first row (the most spread-out subset, not the most typical)."""
+    if len(rows) <= count:
+        return rows
+    flat = x[rows].reshape(len(rows), -1).astype(np.float32) / 255.0
+    taken, nearest = [0], np.linalg.norm(flat - flat[0], axis=1)
+    while len(taken) < count:
+        pick = int(np.argmax(nearest))
+        taken.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(flat - flat[pick], axis=1))
+    return rows[np.array(taken)]
+
+
+def spread_out(x: np.ndarray, labels: np.ndarray, mask: np.ndarray, quotas: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per class, the k-center subset of size ``quotas[c]`` of the rows with ``mask`` set, from the first in ``order``."""
+    walked = order[mask[order]]
+    return np.concatenate([k_center(x, walked[labels[walked] == c], quotas[c]) for c in range(len(quotas))])
+
+
+def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], quantiles: list[float],
+                 probabilities: list[float], novelty: list[float], novelty_threshold: float) -> dict[str, np.ndarray]:
+    """Name -> bool mask over the pool: the stage's filters (alone and together) and other discriminator cuts."""
+    passes = {}
+    for name in FILTERS:
+        thresholds = [summary["per_class"][c][f"{name}_threshold"] for c in names]
+        on = "n/a" not in thresholds
+        passes[name] = manifest[SCORE_COLUMNS[name]].to_numpy() >= np.array(thresholds, float)[pool_y] if on else np.ones(len(pool_y), bool)
+    masks = {
+        "no filter": np.ones(len(pool_y), bool),
+        "all filters (the stage's accepted set)": passes["discriminator"] & passes["classifier"] & passes["novelty"],
+        "discriminator only": passes["discriminator"],
+        "confidence only": passes["classifier"],
+        "novelty only": passes["novelty"],
+        "confidence + novelty": passes["classifier"] & passes["novelty"],
+        "spread-out (k-center in pixels) with no filter": np.ones(len(pool_y), bool),
+    }
+    d_scores = manifest[SCORE_COLUMNS["discriminator"]].to_numpy()
+    for q in quantiles:
+        cut = per_class_quantile(d_scores, pool_y, len(names), q)
+        masks[f"discriminator rejects {q:.0%} + confidence + novelty"] = (d_scores >= cut[pool_y]) & passes["classifier"] & passes["novelty"]
+        masks[f"discriminator rejects {q:.0%}"] = d_scores >= cut[pool_y]
+        top = per_class_quantile(d_scores, pool_y, len(names), 1 - q)
+        masks[f"discriminator rejects its most real {q:.0%}"] = d_scores <= top[pool_y]
+        masks[f"spread-out (k-center in pixels) after the discriminator rejects {q:.0%}"] = d_scores >= cut[pool_y]
+    # the stage's novelty threshold is novelty_threshold x the class's scale; other multiples of the same scale
+    scales = np.array([summary["per_class"][c]["novelty_threshold"] for c in names], float) / novelty_threshold
+    distances = manifest[SCORE_COLUMNS["novelty"]].to_numpy()
+    for multiple in novelty:
+        masks[f"novelty rejects NN distance < {multiple:g} x scale"] = distances >= multiple * scales[pool_y]
+    confidence = manifest[SCORE_COLUMNS["classifier"]].to_numpy()
+    for p in probabilities:
+        masks[f"confidence rejects p(y) < {p:g}"] = confidence >= p
+    return masks
 
 
 def main(
@@ -45,6 +112,12 @@ def main(
     recipe: Annotated[str, typer.Option(help="Downstream recipe.")] = "real+logit_adjust+classic",
     steps: Annotated[int, typer.Option(help="Classifier steps.")] = 500,
     seeds: Annotated[int, typer.Option(help="Classifier seeds.")] = 5,
+    orders: Annotated[int, typer.Option(help="Candidate orders (0: sample-id order; more: random).")] = 3,
+    quantiles: Annotated[str, typer.Option(help="Other discriminator rejection rates, comma-separated.")] = "0.02,0.05",
+    probabilities: Annotated[str, typer.Option(help="Confidence cuts: reject p(conditioned class) below each, comma-separated.")] = "0.01",
+    novelty: Annotated[str, typer.Option(help="Novelty cuts: reject NN distance below each multiple of the class's scale.")] = "0.3",
+    stage_novelty: Annotated[float, typer.Option(help="The run's filter.novelty_threshold (to recover each class's scale).")] = 0.1,
+    only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
 ) -> None:
     if not (work / "synthetic" / "filter_summary.json").is_file():
         print(f"{work} holds no finished run: run bench/bench_gain.py first (its --work), or pass a directory")
@@ -54,32 +127,35 @@ def main(
     summary = json.loads((work / "synthetic" / "filter_summary.json").read_text())
     names = list(prepared.class_names)
     quotas = np.array([summary["per_class"][name]["quota"] for name in names])
-    passes = {}
-    for name in FILTERS:
-        thresholds = [summary["per_class"][c][f"{name}_threshold"] for c in names]
-        on = "n/a" not in thresholds
-        passes[name] = manifest[SCORE_COLUMNS[name]].to_numpy() >= np.array(thresholds, float)[pool.y] if on else np.ones(len(pool.y), bool)
-    everything = np.ones(len(pool.y), bool)
-    variants = {
-        "all filters (the accepted set)": passes["discriminator"] & passes["classifier"] & passes["novelty"],
-        "discriminator only": passes["discriminator"],
-        "confidence only": passes["classifier"],
-        "novelty only": passes["novelty"],
-        "no filter, first quota per class": everything,
-    }
-    rows = {name: first_passing(pool.y, mask, quotas) for name, mask in variants.items()}
-    rows["no filter, the next quota per class"] = first_passing(pool.y, everything, quotas, skip=quotas)
+    masks = filter_masks(pool.y, manifest, summary, names, [float(q) for q in quantiles.split(",") if q],
+                         [float(p) for p in probabilities.split(",") if p], [float(k) for k in novelty.split(",") if k], stage_novelty)
+    if only:
+        masks = {name: mask for name, mask in masks.items() if name == "no filter" or name in only.split(",")}
     config, tail = EvaluateConfig(device="cpu"), tail_classes(prepared.train.counts())
-    table = Table(title=f"filter ablation, {recipe}, {steps} steps, {seeds} seeds ({work})")
-    for column in ("candidates", "n", "balanced accuracy %", "tail-5 recall %"):
+    params = classifier_params(recipe_named(recipe), config, prepared.n_classes, steps)
+    rng = np.random.default_rng(0)
+    order_list = [np.arange(len(pool.y))] + [rng.permutation(len(pool.y)) for _ in range(orders - 1)]
+    accuracy = {name: [] for name in masks}  # name -> per order, the mean over seeds
+    tail_recall = {name: [] for name in masks}
+    for order in order_list:
+        for name, mask in masks.items():
+            chosen = (spread_out(pool.x, pool.y, mask, quotas, order) if name.startswith("spread-out")
+                      else first_passing(pool.y, mask, quotas, order))
+            x, y = np.concatenate([prepared.train.x, pool.x[chosen]]), np.concatenate([prepared.train.y, pool.y[chosen]])
+            members = fit_members(x, y, list(range(seeds)), **params)
+            scores = [score(prepared.test.y, predicted, prepared.n_classes, tail) for predicted in members.predict(prepared.test.x)]
+            accuracy[name].append(float(np.mean([s["balanced_accuracy"] for s in scores])))
+            tail_recall[name].append(float(np.mean([s["tail_recall"] for s in scores])))
+            print(f"order {len(accuracy[name]) - 1}: {name}: {100 * accuracy[name][-1]:.2f}", flush=True)
+    table = Table(title=f"filter ablation, {recipe}, {steps} steps, {seeds} seeds x {orders} orders ({work})")
+    for column in ("candidates", "kept of pool", "balanced accuracy %", "minus no filter [95% CI over orders]", "tail-5 recall %"):
         table.add_column(column, justify="right")
     results = {}
-    for name, chosen in rows.items():
-        x, y = np.concatenate([prepared.train.x, pool.x[chosen]]), np.concatenate([prepared.train.y, pool.y[chosen]])
-        members = fit_members(x, y, list(range(seeds)), **classifier_params(recipe_named(recipe), config, prepared.n_classes, steps))
-        scores = [score(prepared.test.y, predicted, prepared.n_classes, tail) for predicted in members.predict(prepared.test.x)]
-        results[name] = {key: float(np.mean([s[key] for s in scores])) for key in ("balanced_accuracy", "tail_recall")}
-        table.add_row(name, str(len(chosen)), f"{100 * results[name]['balanced_accuracy']:.2f}", f"{100 * results[name]['tail_recall']:.2f}")
+    for name in masks:
+        gain = t_interval(100 * (np.array(accuracy[name]) - np.array(accuracy["no filter"])))
+        results[name] = {"balanced_accuracy": accuracy[name], "tail_recall": tail_recall[name], "minus_no_filter": gain}
+        interval = f"{gain['mean']:+.2f} [{gain['ci_low']:+.2f}, {gain['ci_high']:+.2f}]" if len(order_list) > 1 else f"{gain['mean']:+.2f}"
+        table.add_row(name, f"{masks[name].mean():.1%}", f"{100 * np.mean(accuracy[name]):.2f}", interval, f"{100 * np.mean(tail_recall[name]):.2f}")
     Console().print(table)
     print(json.dumps(results))
 

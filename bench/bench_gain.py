@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_gain.py --settings lt --draws 1 --variant evaluate.synthetic_weight=0.5
 
 Protocol ("every labeled image counts"): for each setting (``10pc``: 10 images per class,
-``50pc``: 50 per class, ``lt``: long tail with max 50 and ratio 100) and label-subset draw
+``20pc`` / ``50pc``: 20 / 50 per class, ``lt``: long tail with max 50 and ratio 100) and label-subset draw
 (``data.seed`` = 0, 1, ...), the scarce labeled set is drawn from the dataset and is ALL the
 pipeline gets: the generator, the filters (calibrated by cross-fitting, ``data.val_per_class: 0``)
 and every evaluation arm see exactly those images; the rest of the dataset is test data only
@@ -42,6 +42,7 @@ DATASETS = {  # source, overrides: MNIST keeps 300 test images per class; CIFAR-
 }
 SETTINGS = {
     "10pc": ["data.per_class=10", "data.long_tail=null"],
+    "20pc": ["data.per_class=20", "data.long_tail=null"],
     "50pc": ["data.per_class=50", "data.long_tail=null"],
     "lt": ["data.per_class=null", "data.long_tail={max: 50, ratio: 100}"],
 }
@@ -87,6 +88,7 @@ def evaluate_variant(config, prepared, accepted, pool, variant: list[str], param
         "best_synthetic": best,
         "gain": decision["gain"],
         "tail_gain": gains[best]["tail_recall"] if best else None,
+        "filter_gain": results["filter_ablation"],
         "arms": results["summary"],
         "gains": gains,
         "counts": results["counts"],
@@ -104,12 +106,14 @@ def _fmt(stat: dict | None, signed: bool = False) -> str:
 def print_rows(rows: list[dict]) -> None:
     arms = list(dict.fromkeys(arm for row in rows for arm in row["arms"]))
     table = Table(title="balanced accuracy % (mean ± 95% CI half-width over classifier seeds)")
-    for column in ["setting", "draw", "variant", "steps", "recipe", *arms, "gain (recipe+synthetic - recipe)", "tail-recall gain", "verdict"]:
+    for column in ["setting", "draw", "variant", "steps", "recipe", *arms, "gain (recipe+synthetic - recipe)", "tail-recall gain",
+                   "filter gain (accepted - unfiltered)", "verdict"]:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(row["setting"], str(row["draw"]), row["variant"], str(row["selection"]["steps"]), row["best_baseline"],
                       *[_fmt(row["arms"].get(a, {}).get("balanced_accuracy")) for a in arms],
-                      _fmt(row["gain"], True), _fmt(row["tail_gain"], True), row["verdict"])
+                      _fmt(row["gain"], True), _fmt(row["tail_gain"], True),
+                      _fmt((row.get("filter_gain") or {}).get("gain"), True), row["verdict"])
     console.print(table)
 
 
@@ -138,7 +142,7 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 
 def main(
-    settings: Annotated[str, typer.Option(help="Comma-separated: 10pc, 50pc, lt.")] = "10pc,50pc,lt",
+    settings: Annotated[str, typer.Option(help="Comma-separated: 10pc, 20pc, 50pc, lt.")] = "10pc,50pc,lt",
     draws: Annotated[int, typer.Option(help="Label-subset draws (data.seed = first_draw .. first_draw+draws-1).")] = 3,
     first_draw: Annotated[int, typer.Option(help="data.seed of the first draw (to add draws to earlier results).")] = 0,
     dataset: Annotated[str, typer.Option(help="mnist (../shared/data/mnist-t10k) or cifar (../shared/data/cifar10-3k).")] = "mnist",

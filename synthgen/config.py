@@ -217,8 +217,9 @@ class FilterConfig(Section):
         "own discriminator (cgan, vaegan), calibrated on the val split or on the training images it saw."
     )
     discriminator_quantile: float = Field(
-        0.1, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class (out-of-fold); the posthoc "
-        "cut never rejects more than this quantile of the class's out-of-fold generated images."
+        0.02, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class (out-of-fold); the posthoc "
+        "cut never rejects more than this quantile of the class's out-of-fold generated images (a guard against broken "
+        "samples: rejecting more costs downstream accuracy, docs/RESULTS.md)."
     )
     discriminator_steps: int = Field(300, ge=1, description="Training steps of each posthoc discriminator fold.")
     discriminator_samples: int = Field(
@@ -291,6 +292,9 @@ class EvaluateConfig(Section):
     quality: bool = Field(True, description="Also compute generator quality (CAS, Frechet distance, precision/recall, near-copies).")
     quality_k: int = Field(3, ge=1, description="k of the k-NN manifolds for precision/recall.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
+    batched: bool | Literal["auto"] = Field("auto", description="Train the arms' models together as one grouped network "
+                                            "(auto: on CUDA and for images up to 16x16; false: one model at a time). The budget "
+                                            "and recipe selection always train one at a time.")
 
     @model_validator(mode="after")
     def _budget_range(self) -> "EvaluateConfig":

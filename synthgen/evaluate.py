@@ -1,8 +1,9 @@
 """Stage ``evaluate``: does adding the synthetic set to the best recipe a team could use without it help?
 
-Every arm trains the same small CNN (:func:`synthgen.models.classifier.fit_members`: same
-architecture, step budget, batch size and learning rate; all seeds of an arm as one batched
-model) and is scored on the same, untouched real test split over ``evaluate.seeds`` seeds:
+Every arm trains the same small CNN (:func:`synthgen.models.members.fit_tasks`: same
+architecture, step budget, batch size and learning rate; every baseline arm's seeds in one call,
+then every synthetic arm's, as one grouped network where that pays: ``evaluate.batched``) and is
+scored on the same, untouched real test split over ``evaluate.seeds`` seeds:
 
 * baselines: the non-generative recipes of :mod:`synthgen.recipes` (real, classical
   augmentation, oversampling, logit-adjusted loss, mixup), every one or ``real`` and the selected one;
@@ -36,7 +37,7 @@ from synthgen.config import Config, EvaluateConfig, config_to_dict
 from synthgen.data import DataError, LabeledImages, PreparedData, load_prepared, random_per_class
 from synthgen.io import atomic_dir, read_json, write_json
 from synthgen.metrics import score, t_interval
-from synthgen.models.classifier import fit_members
+from synthgen.models.classifier import fit_tasks
 from synthgen.quality import generator_quality
 from synthgen.recipes import Recipe, choose_budget, classifier_params, recipe_named, select_recipe
 
@@ -177,7 +178,7 @@ def run_arms(
     unfiltered: LabeledImages | None,
     config: EvaluateConfig,
     progress: bool = False,
-    fit: Callable = fit_members,
+    fit: Callable = fit_tasks,
 ) -> dict:
     """Choose budget and recipe on ``real_train``, train every arm over the seeds, score on ``test``.
 
@@ -191,21 +192,26 @@ def run_arms(
     present = {key: value is not None and len(value.y) > 0 for key, value in extras.items()}
     teacher = None
     if config.soft_label_mix > 0 and any(present.values()):  # the selected recipe on real images, one seed
-        teacher = fit(real_train.x, real_train.y, [config.seed], **classifier_params(best, config, real_train.n_classes, steps))
+        params = classifier_params(best, config, real_train.n_classes, steps)
+        teacher = fit([dict(X=real_train.x, y=real_train.y, seeds=[config.seed], **params)], config.batched)[0]
     tail, seeds = tail_classes(real_train.counts()), [config.seed + i for i in range(config.seeds)]
     rows, recall_rows = [], []
 
     def run(arms: list[Arm], bar, task) -> None:
+        """Every arm's seeds in one fit_tasks call: one grouped network where that pays (``config.batched``)."""
+        tasks, sizes = [], []
         for arm in arms:
             extra = extras[arm.extra] if arm.extra else None
             x, y, weight, is_real = training_set(real_train, extra, config.synthetic_weight)
             proba = teacher.predict_proba(extra.x)[0] if teacher is not None and extra is not None else None
-            members = fit(x, y, seeds, sample_weight=weight, soft_targets=soft_targets(y, is_real, proba, config.soft_label_mix),
-                          **classifier_params(arm.recipe, config, real_train.n_classes, steps))
+            tasks.append(dict(X=x, y=y, seeds=seeds, sample_weight=weight, soft_targets=soft_targets(y, is_real, proba, config.soft_label_mix),
+                              **classifier_params(arm.recipe, config, real_train.n_classes, steps)))
+            sizes.append(len(y))
+        for arm, n_train, members in zip(arms, sizes, fit(tasks, config.batched)):
             for seed, predicted in zip(seeds, members.predict(test.x)):
                 result = score(test.y, predicted, real_train.n_classes, tail)
                 recall = result.pop("recall")
-                rows.append({"arm": arm.name, "seed": seed, **result, "n_train": len(y)})
+                rows.append({"arm": arm.name, "seed": seed, **result, "n_train": n_train})
                 recall_rows.extend({"arm": arm.name, "seed": seed, "class": c, "recall": r} for c, r in enumerate(recall))
             bar.update(task, advance=1, description=f"evaluate {arm.name}")
 

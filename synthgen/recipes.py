@@ -23,7 +23,7 @@ import numpy as np
 from synthgen.config import EvaluateConfig
 from synthgen.data import LabeledImages
 from synthgen.metrics import balanced_accuracy, stratified_folds
-from synthgen.models.classifier import fit_members
+from synthgen.models.classifier import fit_tasks
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def recipe_named(name: str) -> Recipe:
 
 
 def classifier_params(recipe: Recipe, config: EvaluateConfig, n_classes: int, steps: int) -> dict:
-    """Keyword arguments of :func:`fit_members` for ``recipe``: only the recipe's fields vary by arm."""
+    """Keyword arguments of :func:`~synthgen.models.members.fit_members` for ``recipe``: only the recipe's fields vary by arm."""
     return {
         "n_classes": n_classes, "width": config.width, "steps": steps, "batch_size": config.batch_size, "lr": config.lr,
         "balanced": recipe.balanced, "augment": recipe.augment, "allow_flips": config.allow_flips, "loss": recipe.loss,
@@ -65,26 +65,36 @@ def classifier_params(recipe: Recipe, config: EvaluateConfig, n_classes: int, st
     }
 
 
-def out_of_fold_score(images: LabeledImages, recipe: Recipe, config: EvaluateConfig, steps: int, fit=fit_members) -> float:
-    """Mean over folds of the balanced accuracy on the held-out fold, one seed, over the classes the
-    fold's model trained on (a class with fewer images than folds is missing from some training folds;
-    its held-out images would score zero for every recipe and only add noise)."""
+def out_of_fold_scores(images: LabeledImages, recipes: list[Recipe], config: EvaluateConfig, steps: int,
+                       fit=fit_tasks) -> dict[str, float]:
+    """{recipe name: mean over folds of the balanced accuracy on the held-out fold}, one seed, over the
+    classes the fold's model trained on (a class with fewer images than folds is missing from some
+    training folds; its held-out images would score zero for every recipe and only add noise).
+
+    The models train one at a time whatever ``evaluate.batched`` says: each is a single seed, and a
+    grouped network's float rounding, amplified over hundreds of steps, can flip which of two close
+    recipes wins (measured on the digits demo), so batching would change the selected recipe and with
+    it the verdict. One at a time, the budget and the recipe are exactly the reference path's."""
     folds = stratified_folds(images.y, config.selection_folds, config.seed)
-    scores = []
-    for fold in range(config.selection_folds):
-        held = folds == fold
-        if not held.any() or held.all():
-            continue
-        params = classifier_params(recipe, config, images.n_classes, steps)
-        members = fit(images.x[~held], images.y[~held], [config.seed], **params)
-        # score only classes the fold's model saw: a one-image class held out is a miss for every recipe
-        seen = np.isin(images.y[held], images.y[~held])
-        if seen.any():
-            scores.append(balanced_accuracy(images.y[held][seen], members.predict(images.x[held][seen])[0]))
-    return float(np.mean(scores)) if scores else float("nan")
+    held_out = [folds == fold for fold in range(config.selection_folds)]
+    held_out = [held for held in held_out if held.any() and not held.all()]
+    tasks = [dict(X=images.x[~held], y=images.y[~held], seeds=[config.seed], **classifier_params(recipe, config, images.n_classes, steps))
+             for recipe in recipes for held in held_out]
+    fitted = iter(fit(tasks, False))
+    scores = {}
+    for recipe in recipes:
+        per_fold = []
+        for held in held_out:
+            members = next(fitted)
+            # score only classes the fold's model saw: a one-image class held out is a miss for every recipe
+            seen = np.isin(images.y[held], images.y[~held])
+            if seen.any():
+                per_fold.append(balanced_accuracy(images.y[held][seen], members.predict(images.x[held][seen])[0]))
+        scores[recipe.name] = float(np.mean(per_fold)) if per_fold else float("nan")
+    return scores
 
 
-def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_members) -> tuple[int, list[dict]]:
+def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_tasks) -> tuple[int, list[dict]]:
     """(steps, curve): the smallest doubling of ``min_steps`` after which doubling again gains at most
     ``budget_tolerance`` out-of-fold balanced accuracy (or ``max_steps``). ``evaluate.steps`` set to a
     number skips the search."""
@@ -93,7 +103,7 @@ def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_members
     recipe, curve = recipe_named(BUDGET_RECIPE), []
     steps = config.min_steps
     while True:
-        curve.append({"steps": steps, "balanced_accuracy": out_of_fold_score(images, recipe, config, steps, fit)})
+        curve.append({"steps": steps, "balanced_accuracy": out_of_fold_scores(images, [recipe], config, steps, fit)[recipe.name]})
         if len(curve) >= 2 and curve[-1]["balanced_accuracy"] - curve[-2]["balanced_accuracy"] <= config.budget_tolerance:
             return curve[-2]["steps"], curve
         if steps * 2 > config.max_steps:
@@ -102,17 +112,16 @@ def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_members
 
 
 def select_recipe(images: LabeledImages, config: EvaluateConfig, steps: int, curve: list[dict] | None = None,
-                  fit=fit_members) -> tuple[Recipe, dict]:
+                  fit=fit_tasks) -> tuple[Recipe, dict]:
     """(best recipe, {name: out-of-fold balanced accuracy}) among ``config.recipes`` at ``steps``.
 
     Scores already measured on the budget curve at ``steps`` are reused. Ties go to the recipe
-    listed first (the simpler one). ``fit`` is :func:`fit_members` (tests pass a spy).
+    listed first (the simpler one). ``fit`` is :func:`fit_tasks` (tests pass a spy).
     """
     known = {row["steps"]: row["balanced_accuracy"] for row in curve or []}
-    scores = {}
-    for name in config.recipes:
-        recipe = recipe_named(name)
-        reuse = name == BUDGET_RECIPE and steps in known
-        scores[name] = known[steps] if reuse else out_of_fold_score(images, recipe, config, steps, fit)
+    reused = {BUDGET_RECIPE: known[steps]} if steps in known and BUDGET_RECIPE in config.recipes else {}
+    pending = [recipe_named(name) for name in config.recipes if name not in reused]
+    scores = {**reused, **out_of_fold_scores(images, pending, config, steps, fit)}
+    scores = {name: scores[name] for name in config.recipes}
     best = max(config.recipes, key=lambda name: (scores[name], -config.recipes.index(name)))
     return recipe_named(best), scores

@@ -51,6 +51,29 @@ def test_batched_equals_one_at_a_time_and_lone_classifiers(images, batched):
         np.testing.assert_allclose(plain.numpy(), proba[e], atol=1e-5, rtol=0)
 
 
+def test_tasks_with_different_recipes_and_sets_train_together_as_they_would_alone(images):
+    """fit_tasks: the arms of an evaluation (other training sets, other recipes) in one grouped network give
+    each member what it gets alone; a task with another budget trains in a group of its own."""
+    X, y = images
+    plain = dict(TINY)
+    tasks = [
+        dict(X=X, y=y, seeds=[0, 1], **plain),
+        dict(X=X[:30], y=y[:30], seeds=[0], **dict(plain, augment=True, balanced=True)),
+        dict(X=X, y=y, seeds=[2], sample_weight=WEIGHTS, **dict(plain, augment=True, mixup_alpha=0.2, loss="logit_adjusted")),
+        dict(X=X[10:], y=y[10:], seeds=[3], **dict(plain, loss="logit_adjusted", logit_adjust_tau=0.5)),
+        dict(X=X, y=y, seeds=[4], **dict(plain, steps=9)),
+    ]
+    together = classifier.fit_tasks(tasks, batched=True)
+    alone = classifier.fit_tasks(tasks, batched=False)
+    assert [members.seeds for members in together] == [[0, 1], [0], [2], [3], [4]]
+    for task, grouped, single in zip(tasks, together, alone):
+        reference = fit_members(**task, batched=True).predict_proba(X)  # the task by itself, as before
+        np.testing.assert_allclose(grouped.predict_proba(X), single.predict_proba(X), atol=ROUNDING, rtol=0)
+        np.testing.assert_allclose(grouped.predict_proba(X), reference, atol=ROUNDING, rtol=0)
+    # different recipes really do train differently: the check above would be vacuous otherwise
+    assert np.abs(together[0].predict_proba(X)[0] - together[1].predict_proba(X)[0]).max() > 1e-2
+
+
 def test_member_init_is_the_lone_classifier_init(images):
     X, y = images
     config = classifier.SmallCNNConfig(1, 3, 8)

@@ -12,20 +12,27 @@ from synthgen.config import Config, EvaluateConfig
 from synthgen.data import DataError, LabeledImages, PreparedData, load_prepared
 from synthgen.io import read_json
 from synthgen.metrics import t_interval
-from synthgen.models.classifier import fit_members
+from synthgen.models.classifier import fit_tasks
 
 FAST = EvaluateConfig(steps=8, seeds=2, batch_size=16, width=8, device="cpu", quality=False)
 
 
+def each_task(fit_one):
+    """A ``fit_tasks`` stand-in that fits the tasks one by one with ``fit_one`` (fit_members' signature)."""
+    return lambda tasks, batched="auto": [fit_one(**task) for task in tasks]
+
+
 class SpyFit:
-    """The real ``fit_members`` that also records what every model was fitted on and asked to predict."""
+    """The real ``fit_tasks`` that also records what every model was fitted on and asked to predict."""
 
     def __init__(self):
         self.fits, self.predicts = [], []
 
-    def __call__(self, X, y, seeds, **params):
-        self.fits.append({"X": X, "y": y, "seeds": list(seeds), **params})
-        members = fit_members(X, y, seeds, **params)
+    def __call__(self, tasks, batched="auto"):
+        self.fits.extend({**task, "seeds": list(task["seeds"])} for task in tasks)
+        return [self.recorded(members) for members in fit_tasks(tasks, batched)]
+
+    def recorded(self, members):
         spy = self
 
         class Recorded:
@@ -112,10 +119,10 @@ def test_budget_doubles_until_the_out_of_fold_curve_flattens():
     x[:, 0, 0, 0] = y
     images = LabeledImages(x, y, ("a", "b"))
     config = FAST.model_copy(update={"steps": "auto", "min_steps": 10, "max_steps": 160, "budget_tolerance": 0.005})
-    steps, curve = recipes.choose_budget(images, config, fake_fit)
+    steps, curve = recipes.choose_budget(images, config, each_task(fake_fit))
     assert steps == 40  # 40 -> 80 gains 0.2 points: converged, though 160 would jump again
     assert [row["steps"] for row in curve] == [10, 20, 40, 80]
-    assert recipes.choose_budget(images, config.model_copy(update={"steps": 33}), fake_fit) == (33, [])
+    assert recipes.choose_budget(images, config.model_copy(update={"steps": 33}), each_task(fake_fit)) == (33, [])
 
 
 def test_recipe_selection_picks_the_best_out_of_fold_recipe():
@@ -130,9 +137,27 @@ def test_recipe_selection_picks_the_best_out_of_fold_recipe():
     y = np.repeat([0, 1], 6)
     x = np.zeros((12, 4, 4, 1), np.uint8)
     x[:, 0, 0, 0] = y
-    best, scores = recipes.select_recipe(LabeledImages(x, y, ("a", "b")), FAST, 8, fit=fake_fit)
+    best, scores = recipes.select_recipe(LabeledImages(x, y, ("a", "b")), FAST, 8, fit=each_task(fake_fit))
     assert best.name == "real+logit_adjust+classic" and scores[best.name] == 1.0
     assert set(scores) == set(FAST.recipes)
+
+
+def test_selection_trains_one_model_at_a_time_even_when_the_arms_are_batched(prepared):
+    """Grouped and plain convolutions round differently; the selection's single-seed models must not
+    let that change the chosen recipe, so they never train grouped. The arms do, when asked."""
+    modes = []
+
+    def spy(tasks, batched="auto"):
+        modes.append((len(tasks), batched))
+        return fit_tasks(tasks, batched)
+
+    config = FAST.model_copy(update={"batched": True, "recipes": ["real", "real+classic"]})
+    best, scores = recipes.select_recipe(prepared.train, config, 4, fit=spy)
+    assert modes == [(2 * config.selection_folds, False)] and set(scores) == {"real", "real+classic"}
+    modes.clear()
+    evaluate.run_arms(prepared.train, prepared.test, None, None, config, fit=spy)
+    # the selection one at a time, then every baseline arm in one batched call (no synthetic arms here)
+    assert modes[:2] == [(2 * config.selection_folds, False), (len(config.recipes), True)]
 
 
 def test_soft_targets_blend_only_synthetic_rows():

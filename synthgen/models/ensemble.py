@@ -1,4 +1,4 @@
-"""E copies of :class:`~synthgen.models.classifier.SmallCNN` as one grouped network, plus the per-member loss pieces.
+"""E copies of :class:`~synthgen.models.small_cnn.SmallCNN` as one grouped network, plus the per-member loss pieces.
 
 The evaluation harness trains the same CNN for many arms x E seeds. Training the E seeds as one
 network (grouped convolutions: member e's channels form group e) pays the per-call overhead of a
@@ -16,7 +16,7 @@ The layer order of ``body`` mirrors ``SmallCNN.body`` index for index, which is 
 slicing. Also here: the per-step random draws of every member (batch indices, affine
 augmentation, mixup, dropout, each from the member's own generators) and the loss recipes
 (logit adjustment, mixup, weighted soft cross-entropy). The training loop that uses all this
-is ``classifier.fit_members``.
+is ``members.train_group``.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def apply_affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training settings of ``classifier.fit_members`` that the loop reads."""
+    """One member's training settings (``members.fit_members`` arguments) that the loop reads."""
 
     steps: int
     batch_size: int
@@ -168,20 +168,24 @@ class Recipe:
     mixup_alpha: float
 
 
-def draw_step(recipe: Recipe, sampling: torch.Tensor, batch_rngs: list, noise_rngs: list, n_features: int, dropout: float) -> dict:
-    """One step's random draws for every member, each from that member's own generators, stacked on dim 0 (CPU).
+def draw_step(recipes: list[Recipe], samplings: list[torch.Tensor], batch_rngs: list, noise_rngs: list, n_features: int,
+              dropout: float) -> dict:
+    """One step's random draws for every member, each from that member's own generators and recipe, stacked on dim 0 (CPU).
 
-    ``batch`` (E, B) row indices from the batch generator; then from the noise generator, in this
-    order: ``theta`` (E, B, 2, 3) affine (when augmenting), ``lam`` and ``partner`` (E, B) mixup
-    (when mixing), ``keep`` (E, B, n_features) dropout mask.
+    ``batch`` (E, B) row indices of the member's own training set (``samplings[e]``: its row
+    probabilities) from the batch generator; then from the noise generator, in this order: ``theta``
+    (A, B, 2, 3) affine for the A augmenting members, ``lam`` and ``partner`` (E, B) mixup (when any
+    member mixes; lam = 1 and no draw for one that does not), ``keep`` (E, B, n_features) dropout mask.
+    A member's draws are the same whatever else trains beside it.
     """
     draws: dict[str, list] = {"batch": [], "theta": [], "lam": [], "partner": [], "keep": []}
-    size = recipe.batch_size
-    for batch_rng, noise_rng in zip(batch_rngs, noise_rngs):
+    mixing = any(recipe.mixup_alpha > 0 for recipe in recipes)
+    for recipe, sampling, batch_rng, noise_rng in zip(recipes, samplings, batch_rngs, noise_rngs):
+        size = recipe.batch_size
         draws["batch"].append(torch.multinomial(sampling, size, replacement=True, generator=batch_rng))
         if recipe.augment:
             draws["theta"].append(affine_params(size, recipe.allow_flips, noise_rng))
-        if recipe.mixup_alpha > 0:
+        if mixing:
             lam, partner = draw_mixup(size, recipe.mixup_alpha, noise_rng)
             draws["lam"].append(lam)
             draws["partner"].append(partner)
@@ -207,11 +211,12 @@ def sampling_prior(y: np.ndarray, sampling_probs: np.ndarray, n_classes: int, sa
     return prior
 
 
-def adjust_logits(logits: torch.Tensor, prior: torch.Tensor, tau: float) -> torch.Tensor:
+def adjust_logits(logits: torch.Tensor, prior: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """Logit adjustment (Menon et al. 2021; Balanced Softmax at tau = 1): logits + tau * log(prior), prior >= 1e-12.
 
     Used in the training loss only; predictions use the raw logits, which then estimate the
     class-balanced posterior. A uniform prior adds the same constant to every class: a no-op.
+    ``tau`` may be a tensor broadcast against the logits (per member; 0 leaves a member's logits as they are).
     """
     return logits + tau * prior.clamp_min(MIN_PRIOR).log()
 

@@ -1,0 +1,91 @@
+"""The evaluate stage, whole, three ways side by side: one model at a time, each arm's seeds batched, every arm batched.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_evaluate_stage.py                 # data/ after `make run`
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_evaluate_stage.py /tmp/bench/demo/data --params params.yaml
+
+WORK holds ``prepared/``, ``synthetic/`` and ``pool/`` (a project's ``data/`` after ``dvc repro``).
+Each way runs :func:`synthgen.evaluate.run_arms` with the params' evaluate section (every arm,
+the budget search and the recipe selection), on the same seeds:
+
+* ``one at a time``: every model trains alone (``evaluate.batched: false``), the reference path;
+* ``per arm``: each call's seeds as one grouped network, arms one after another (the code before
+  arms were batched together);
+* ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it
+  (``evaluate.batched: true``): every baseline arm's seeds in one grouped network, every synthetic
+  arm's in one (the budget and recipe selection train one at a time in every way).
+
+Prints wall seconds, the speed-up over one at a time, and whether the three reach the same budget,
+selected recipe, verdict and gain (the numbers may differ by float rounding: grouped and plain
+convolutions round differently).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from synthgen import evaluate
+from synthgen.config import load_config
+from synthgen.data import load_prepared
+from synthgen.models.members import fit_members, fit_tasks
+
+
+def per_arm(tasks: list[dict], batched: bool | str = "auto") -> list:
+    """Each task as its own grouped network, one after another (seeds batched, arms not)."""
+    return [fit_members(**task, batched=batched) for task in tasks]
+
+
+def main(
+    work: Annotated[Path, typer.Argument(help="Directory holding prepared/, synthetic/ and pool/.")] = Path("data"),
+    params: Annotated[Optional[Path], typer.Option(help="params.yaml (default: ./params.yaml when present).")] = None,
+    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm.")] = "one-at-a-time,per-arm,every-arm",
+) -> None:
+    console = Console(width=180)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    console.print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join([sys.executable, *sys.argv]), highlight=False)
+    if not (work / "prepared" / "meta.json").is_file():
+        console.print(f"{work} holds no prepared data: run `make run` (or dvc repro) first, or pass a directory")
+        return
+    params = params if params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    config = load_config(params).evaluate
+    prepared = load_prepared(work / "prepared")
+    synthetic, unfiltered = evaluate.load_extra_sets(work / "synthetic", work / "pool")
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(prepared.train.y)} training images "
+                  f"{prepared.train.x.shape[1:]}, {len(prepared.test.y)} test, {0 if synthetic is None else len(synthetic.y)} synthetic; "
+                  f"{config.seeds} seeds, recipes {list(config.recipes)}", highlight=False)
+    fit_members(prepared.train.x[:64], prepared.train.y[:64], [0, 1], steps=2, n_classes=prepared.n_classes, device=config.device)  # warm-up
+    setups = {"one-at-a-time": (False, fit_tasks), "per-arm": ("auto", per_arm), "every-arm": (True, fit_tasks)}
+    results = {}
+    for way in ways.split(","):
+        batched, fit = setups[way]
+        started = time.perf_counter()
+        outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched}),
+                                    fit=fit)
+        results[way] = (time.perf_counter() - started, outcome)
+        console.print(f"{way}: {results[way][0]:.1f} s", highlight=False)
+    reference = results[next(iter(results))][1]
+    table = Table(title=f"evaluate stage ({work}): one model at a time vs batched")
+    for column in ("way", "seconds", "speed-up", "budget", "selected recipe", "verdict", "gain [95% CI]", "max |arm mean - first way's|"):
+        table.add_column(column, justify="left" if column in ("way", "selected recipe", "verdict") else "right")
+    base_seconds = results[next(iter(results))][0]
+    for way, (seconds, outcome) in results.items():
+        gain = outcome["decision"]["gain"]
+        shown = f"{100 * gain['mean']:+.2f} [{100 * gain['ci_low']:+.2f}, {100 * gain['ci_high']:+.2f}]" if gain else "n/a"
+        drift = max(abs(outcome["summary"][arm]["balanced_accuracy"]["mean"] - reference["summary"][arm]["balanced_accuracy"]["mean"])
+                    for arm in reference["summary"] if arm in outcome["summary"])
+        table.add_row(way, f"{seconds:.1f}", f"{base_seconds / seconds:.2f}x", str(outcome["selection"]["steps"]),
+                      outcome["selection"]["best_recipe"], outcome["decision"]["verdict"], shown, f"{100 * drift:.2f} pt")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
