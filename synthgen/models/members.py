@@ -12,7 +12,8 @@ augmentation, mixup, logit adjustment, sample weights, soft targets) applies to 
 ``batched=False`` runs every member alone (the reference path); the two differ only by float
 rounding. The evaluation harness trains every baseline arm's seeds in one call, then every
 synthetic arm's: on the CPU a step of a tiny CNN costs mostly per-call overhead, which one grouped
-step pays once for all members (bench/bench_evaluate.py).
+step pays once for all members (bench/bench_evaluate.py for one arm, bench/bench_evaluate_stage.py
+for the whole stage).
 
 The training sets stay on the device as tensors and batches are drawn by index (scarce data: no
 per-sample DataLoader work).
