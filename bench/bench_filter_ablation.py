@@ -17,10 +17,12 @@ paired difference to "no filter" with its t interval over orders.
 Variants: the stage's filters with its thresholds, each alone; the discriminator cut at other
 rejection rates (``--quantiles``: the q-quantile of the class's candidate scores, which is what the
 stage's cap on the generated quantile rejects), alone and with the confidence and novelty filters;
-the same share cut from the top instead (the most real-looking, most typical samples); and the
+the same filters on classes with at least ``--judge-min`` real images only (on a smaller class
+they can only say how far a sample is from those few images); the same share cut from the top instead (the most real-looking, most typical samples); and the
 confidence filter at fixed cuts (``--probabilities``: only samples the real-data classifier gives
 less than p for their class); instead of the first candidates, a spread-out subset (greedy k-center
-in pixel space, per class); the novelty filter at other multiples of each class's scale
+in pixel space, per class); a placebo that rejects as many candidates per class as the first
+``--quantiles`` cut with confidence and novelty does, at random (redrawn per order); the novelty filter at other multiples of each class's scale
 (``--novelty``: near-copies of a training image, by pixel distance).
 """
 
@@ -71,8 +73,22 @@ def spread_out(x: np.ndarray, labels: np.ndarray, mask: np.ndarray, quotas: np.n
     return np.concatenate([k_center(x, walked[labels[walked] == c], quotas[c]) for c in range(len(quotas))])
 
 
+def random_rejection(labels: np.ndarray, rejected: np.ndarray, seed: int) -> np.ndarray:
+    """A placebo for a filter: per class, reject as many rows as ``rejected`` does, chosen at random.
+
+    Replacing a few samples changes every classifier seed's trajectory, so "filter minus no filter"
+    carries the noise of any change at all; a filter earns or costs something only where it differs
+    from this placebo."""
+    rng, keep = np.random.default_rng(seed), np.ones(len(labels), bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        keep[rng.choice(rows, int(rejected[rows].sum()), replace=False)] = False
+    return keep
+
+
 def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], quantiles: list[float],
-                 probabilities: list[float], novelty: list[float], novelty_threshold: float) -> dict[str, np.ndarray]:
+                 probabilities: list[float], novelty: list[float], novelty_threshold: float,
+                 train_counts: np.ndarray | None = None, judge_min: int = 5) -> dict[str, np.ndarray]:
     """Name -> bool mask over the pool: the stage's filters (alone and together) and other discriminator cuts."""
     passes = {}
     for name in FILTERS:
@@ -89,9 +105,16 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         "spread-out (k-center in pixels) with no filter": np.ones(len(pool_y), bool),
     }
     d_scores = manifest[SCORE_COLUMNS["discriminator"]].to_numpy()
+    for q in quantiles[:1]:  # the placebo rejects what the first cut with the other two filters rejects
+        cut = per_class_quantile(d_scores, pool_y, len(names), q)
+        masks[PLACEBO] = (d_scores >= cut[pool_y]) & passes["classifier"] & passes["novelty"]  # redrawn per order
     for q in quantiles:
         cut = per_class_quantile(d_scores, pool_y, len(names), q)
         masks[f"discriminator rejects {q:.0%} + confidence + novelty"] = (d_scores >= cut[pool_y]) & passes["classifier"] & passes["novelty"]
+        if train_counts is not None:  # a class with few real images: the filters only know how far a sample is from those
+            unjudged = train_counts[pool_y] < judge_min
+            masks[f"discriminator rejects {q:.0%} + confidence + novelty on classes of >= {judge_min} real images"] = (
+                masks[f"discriminator rejects {q:.0%} + confidence + novelty"] | unjudged)
         masks[f"discriminator rejects {q:.0%}"] = d_scores >= cut[pool_y]
         top = per_class_quantile(d_scores, pool_y, len(names), 1 - q)
         masks[f"discriminator rejects its most real {q:.0%}"] = d_scores <= top[pool_y]
@@ -107,6 +130,9 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
     return masks
 
 
+PLACEBO = "random rejection (placebo: per class as many as the first cut + confidence + novelty)"
+
+
 def main(
     work: Annotated[Path, typer.Argument(help="Directory holding prepared/, pool/ and synthetic/.")] = Path("/tmp/synthgen-bench-gain/mnist-lt-0"),
     recipe: Annotated[str, typer.Option(help="Downstream recipe.")] = "real+logit_adjust+classic",
@@ -117,6 +143,7 @@ def main(
     probabilities: Annotated[str, typer.Option(help="Confidence cuts: reject p(conditioned class) below each, comma-separated.")] = "0.01",
     novelty: Annotated[str, typer.Option(help="Novelty cuts: reject NN distance below each multiple of the class's scale.")] = "0.3",
     stage_novelty: Annotated[float, typer.Option(help="The run's filter.novelty_threshold (to recover each class's scale).")] = 0.1,
+    judge_min: Annotated[int, typer.Option(help="A variant filters only classes with at least this many real images.")] = 5,
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
 ) -> None:
     if not (work / "synthetic" / "filter_summary.json").is_file():
@@ -128,7 +155,8 @@ def main(
     names = list(prepared.class_names)
     quotas = np.array([summary["per_class"][name]["quota"] for name in names])
     masks = filter_masks(pool.y, manifest, summary, names, [float(q) for q in quantiles.split(",") if q],
-                         [float(p) for p in probabilities.split(",") if p], [float(k) for k in novelty.split(",") if k], stage_novelty)
+                         [float(p) for p in probabilities.split(",") if p], [float(k) for k in novelty.split(",") if k], stage_novelty,
+                         prepared.train.counts(), judge_min)
     if only:
         masks = {name: mask for name, mask in masks.items() if name == "no filter" or name in only.split(",")}
     config, tail = EvaluateConfig(device="cpu"), tail_classes(prepared.train.counts())
@@ -139,6 +167,8 @@ def main(
     tail_recall = {name: [] for name in masks}
     for order in order_list:
         for name, mask in masks.items():
+            if name == PLACEBO:
+                mask = random_rejection(pool.y, ~mask, seed=len(accuracy[name]))
             chosen = (spread_out(pool.x, pool.y, mask, quotas, order) if name.startswith("spread-out")
                       else first_passing(pool.y, mask, quotas, order))
             x, y = np.concatenate([prepared.train.x, pool.x[chosen]]), np.concatenate([prepared.train.y, pool.y[chosen]])

@@ -1,13 +1,17 @@
-"""Training throughput before/after in one run: contiguous (NCHW) vs channels-last (NHWC) tensors.
+"""Training throughput before/after in one run: NCHW fp32, channels-last fp32, channels-last with CPU bf16 autocast.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_train_speed.py                # MNIST 20/class, every model
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_train_speed.py --models cvae --steps 200
 
 Trains each model with :func:`synthgen.train.fit_generator` (the stage's own loop) on scarce
-28x28 MNIST (``--source``; random images when it is absent) for ``--steps`` steps with
-``train.channels_last`` false, then true, ``--repeats`` times interleaved, and prints real images
-per second (best of the repeats), the ratio, and the final loss of each layout (the same function:
-the losses differ only by float rounding). Machines here are shared and noisy, so read the ratio.
+28x28 MNIST (``--source``; random images when it is absent) for ``--steps`` steps in each
+setting, ``--repeats`` times interleaved, and prints real images per second (best of the
+repeats), the ratio to the first setting (NCHW fp32, what the issue measured), and the final loss
+of each. channels-last is the same function (losses differ by float rounding); bf16 autocast
+(``train.cpu_bf16``, fp32 weights) rounds activations to 8 bits of mantissa, so its loss differs
+more: compare the curves over a whole run with ``--steps 2000``. Machines here are shared and
+noisy, so read the ratio. bf16 is only fast on CPUs with native bf16 (AVX512-BF16 / AMX); the
+table says whether this one has it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from rich.table import Table
 from synthgen import train as train_stage
 from synthgen.config import load_config
 from synthgen.data import random_per_class
+from synthgen.device import cpu_has_native_bf16
 from synthgen.sources import load_source
+
+SETTINGS = {  # name -> (channels_last, cpu_bf16)
+    "NCHW fp32": (False, False),
+    "channels-last fp32": (True, False),
+    "channels-last bf16": (True, True),
+}
 
 
 def scarce_mnist(source: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,13 +48,15 @@ def scarce_mnist(source: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     return images.x[rows], images.y[rows]
 
 
-def throughput(model: str, channels_last: bool, steps: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(real images per second, final logged loss) of one fresh training run on the CPU."""
+def throughput(model: str, channels_last: bool, bf16: bool, steps: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float, list]:
+    """(real images per second, final logged loss, the loss curve) of one fresh training run on the CPU."""
+    log_every = max(1, steps // 20)
     config = load_config(None, [f"train.model={model}", f"train.steps={steps}", f"train.channels_last={str(channels_last).lower()}",
-                                "train.device=cpu", f"train.log_every={steps}"]).train
-    _, _, summary = train_stage.fit_generator(config, x, y)
-    losses = summary["final_losses"]
-    return summary["images_per_s"], float(losses.get("loss", losses.get("loss_g", float("nan"))))
+                                f"train.cpu_bf16={str(bf16).lower()}", "train.device=cpu", f"train.log_every={log_every}",
+                                f"train.checkpoint_every={steps}"]).train
+    _, state, summary = train_stage.fit_generator(config, x, y)
+    key = "loss" if "loss" in summary["final_losses"] else "loss_g"
+    return summary["images_per_s"], float(summary["final_losses"][key]), [round(row[key], 3) for row in state.history]
 
 
 def main(
@@ -51,23 +64,27 @@ def main(
     per_class: Annotated[int, typer.Option(help="Training images per class.")] = 20,
     models: Annotated[str, typer.Option(help="Comma-separated models.")] = "cvae,vaegan,cgan",
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 60,
-    repeats: Annotated[int, typer.Option(help="Interleaved runs per layout (best is reported).")] = 2,
+    repeats: Annotated[int, typer.Option(help="Interleaved runs per setting (best is reported).")] = 2,
+    settings: Annotated[str, typer.Option(help="Comma-separated settings: " + ", ".join(SETTINGS))] = ",".join(SETTINGS),
 ) -> None:
     console = Console()
     x, y = scarce_mnist(source, per_class)
-    table = Table(title=f"train throughput, {len(y)} images {x.shape[1:]}, {steps} steps, {torch.get_num_threads()} threads (`bench/bench_train_speed.py`)")
-    for column in ("model", "NCHW img/s", "channels-last img/s", "ratio", "final loss NCHW / NHWC"):
+    chosen = [name.strip() for name in settings.split(",")]
+    table = Table(title=f"train throughput, {len(y)} images {x.shape[1:]}, {steps} steps, {torch.get_num_threads()} threads, "
+                        f"native CPU bf16: {cpu_has_native_bf16()} (`bench/bench_train_speed.py`)")
+    for column in ("model", "setting", "img/s", "vs first", "final loss"):
         table.add_column(column, justify="right")
     results = {}
     for model in models.split(","):
-        runs = {False: [], True: []}
+        runs = {name: [] for name in chosen}
         for _ in range(repeats):
-            for layout in (False, True):
-                runs[layout].append(throughput(model, layout, steps, x, y))
-        before, after = max(r[0] for r in runs[False]), max(r[0] for r in runs[True])
-        results[model] = {"nchw": before, "channels_last": after, "ratio": after / before,
-                          "loss": [runs[False][0][1], runs[True][0][1]]}
-        table.add_row(model, f"{before:.0f}", f"{after:.0f}", f"{after / before:.2f}x", f"{runs[False][0][1]:.3f} / {runs[True][0][1]:.3f}")
+            for name in chosen:
+                runs[name].append(throughput(model, *SETTINGS[name], steps, x, y))
+        best = {name: max(run[0] for run in runs[name]) for name in chosen}
+        results[model] = {name: {"images_per_s": best[name], "ratio": best[name] / best[chosen[0]], "final_loss": runs[name][0][1],
+                                 "curve": runs[name][0][2]} for name in chosen}
+        for name in chosen:
+            table.add_row(model, name, f"{best[name]:.0f}", f"{best[name] / best[chosen[0]]:.2f}x", f"{runs[name][0][1]:.3f}")
     console.print(table)
     console.print(json.dumps(results))
 

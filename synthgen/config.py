@@ -168,6 +168,10 @@ class TrainConfig(Section):
     channels_last: bool = Field(
         True, description="Train with NHWC (channels-last) tensors: the same function, faster convolutions (bench/bench_train_speed.py)."
     )
+    cpu_bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast for CPU training (fp32 weights; CUDA always trains in bf16). auto: only on CPUs "
+        "with native bf16 (AVX512-BF16 / AMX), where a 28x28 step is about 1.6x faster; fp32 elsewhere."
+    )
     cgan: CGANSection = CGANSection()
     cvae: CVAESection = CVAESection()
     vaegan: VAEGANSection = VAEGANSection()
@@ -242,6 +246,10 @@ class FilterConfig(Section):
         0.1, ge=0, description="Reject if NN distance < this x median real NN distance of the class. Higher values "
         "reject useful variations of the few images of a tail class (MNIST long tail, latent interpolation: +0.5 points "
         "at 0.25, +2.1 at 0.1, +3.0 with novelty off).",
+    )
+    min_class_images: int = Field(
+        5, ge=1, description="Filters judge only classes with at least this many real training images; smaller classes keep "
+        "every candidate (the filters can only say how unlike those few images a sample is). 1: judge every class."
     )
     image_folder: bool = Field(
         True, description="Also write accepted/<class>/*.png. At 100k+ samples set false: DVC then hashes a few "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +47,38 @@ def autocast(device: torch.device):
     """bf16 autocast on CUDA (tensor cores, no loss scaling needed); a no-op elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo (Linux).
+
+    Without them oneDNN emulates bf16 and a bf16 step is no faster than fp32, so ``auto`` keeps fp32 there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_bf16_enabled(device: torch.device, setting: bool | str) -> bool:
+    """Whether CPU training runs under bf16 autocast: ``setting`` true/false, or ``"auto"`` (native bf16 only)."""
+    if torch.device(device).type != "cpu":
+        return False
+    return cpu_has_native_bf16() if setting == "auto" else bool(setting)
+
+
+def cpu_autocast(device: torch.device, setting: bool | str):
+    """bf16 autocast on the CPU when :func:`cpu_bf16_enabled` (weights and optimiser state stay fp32); a no-op elsewhere.
+
+    Wraps a whole training step: the models' own :func:`autocast` is a no-op on the CPU, so this one
+    stays in effect inside them. Without the weight cache: a step updates D before G's loss reads it,
+    and a cached bf16 copy would be the weights before the update (training then learns nothing).
+    """
+    if cpu_bf16_enabled(device, setting):
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

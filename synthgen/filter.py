@@ -29,7 +29,7 @@ from synthgen.config import Config, FilterConfig, GenerateConfig
 from synthgen.data import DataError, PreparedData, load_prepared
 from synthgen.device import resolve_device
 from synthgen.executor import map_shards, open_executor
-from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter
+from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter, judge_only
 from synthgen.generate import (
     compute_quotas, first_round_requests, generate_candidates, load_model, make_shard_specs, model_path_for, next_batch_start,
     run_shard,
@@ -91,7 +91,8 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
         ).fit(x, y, held_x, held_y)
     if config.novelty:
         filters["novelty"] = NoveltyFilter(config.novelty_threshold).fit(x, y, held_x, held_y)
-    return filters
+    counts = np.bincount(np.asarray(y), minlength=n_classes)
+    return {name: None if fitted is None else judge_only(fitted, counts, config.min_class_images) for name, fitted in filters.items()}
 
 
 def calibration_note(prepared: PreparedData, filters: dict) -> str:
@@ -243,13 +244,20 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame({k: pd.Series(dtype=v) for k, v in columns.items()})
 
 
+def judged(filters: dict, label: int) -> bool:
+    """Whether the filters judge class ``label`` (:func:`~synthgen.filters.judge_only`: enough real images of it)."""
+    masks = [fitted.judged_ for fitted in filters.values() if getattr(fitted, "judged_", None) is not None]
+    return bool(masks[0][label]) if masks else True
+
+
 def summarize(table: pd.DataFrame, quotas: np.ndarray, filters: dict, class_names, history: list) -> dict:
     """Per-class generated / accepted counts, acceptance per filter, thresholds used, shortfalls."""
     per_class = {}
     for label, name in enumerate(class_names):
         rows = table[table["label"] == label]
         accepted = int(rows["accepted"].sum())
-        entry = {"quota": int(quotas[label]), "generated": len(rows), "accepted": accepted, "shortfall": int(quotas[label]) - accepted}
+        entry = {"quota": int(quotas[label]), "generated": len(rows), "accepted": accepted, "shortfall": int(quotas[label]) - accepted,
+                 "judged": judged(filters, label)}
         for f in FILTERS:
             fitted = filters.get(f)
             entry[f"{f}_acceptance"] = float(rows[f"pass_{f}"].mean()) if fitted is not None and len(rows) else "n/a"

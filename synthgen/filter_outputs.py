@@ -100,7 +100,10 @@ def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Pat
         axis = figure.add_subplot(1, len(active), position + 1)
         scores = table[SCORE_COLUMNS[name]].to_numpy()
         axis.hist(scores[np.isfinite(scores)], bins=40, color="0.6")
-        for label, class_name in enumerate(class_names):  # per-class thresholds (calibrated)
+        for label, class_name in enumerate(class_names):  # per-class thresholds (calibrated) of the judged classes
+            judged = getattr(filters[name], "judged_", None)
+            if judged is not None and not judged[label]:
+                continue
             axis.axvline(filters[name].thresholds_[label], color=f"C{label % 10}", linewidth=0.8, label=str(class_name))
         axis.set_title(f"{SCORE_COLUMNS[name]} (lines: class thresholds)", fontsize=9)
     if active:

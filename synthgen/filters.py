@@ -54,13 +54,33 @@ def per_class_quantile(scores: np.ndarray, y: np.ndarray, n_classes: int, q: flo
 
 
 class _Filter(BaseEstimator):
-    """Shared ``keep`` / ``passes``: a sample passes when its score clears its class threshold."""
+    """Shared ``keep`` / ``passes``: a sample passes when its score clears its class threshold
+    (or when its class is not judged: :func:`judge_only`)."""
 
     def passes(self, scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.asarray(scores) >= self.thresholds_[np.asarray(y)]
+        y = np.asarray(y)
+        cleared = np.asarray(scores) >= self.thresholds_[y]
+        judged = getattr(self, "judged_", None)
+        return cleared if judged is None else cleared | ~judged[y]
 
     def keep(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self.passes(self.score(X, y), y)
+
+
+def judge_only(fitted: _Filter, train_counts: np.ndarray, min_images: int) -> _Filter:
+    """Let ``fitted`` judge only classes with at least ``min_images`` real training images; it passes every
+    sample of the others (``judged_``, a bool per class). Returns ``fitted``.
+
+    A filter knows a class only through its real images. With fewer than about five (the number below
+    which the cVAE borrows style from other classes, on purpose) "least real", "least confident" and
+    "closest to a training image" all mean "least like those few images", and those are the samples
+    that teach a classifier the class's variation: on MNIST long tails the three filters together cost
+    about a point of balanced accuracy against the unfiltered candidates, where rejecting as many at
+    random cost nothing, and judging only the larger classes removed the cost (bench/bench_filter_ablation.py,
+    docs/RESULTS.md).
+    """
+    fitted.judged_ = np.asarray(train_counts) >= min_images
+    return fitted
 
 
 class DiscriminatorFilter(_Filter):

@@ -42,7 +42,7 @@ from synthgen import models
 from synthgen.config import Config, TrainConfig, config_to_dict
 from synthgen.data import load_prepared
 from synthgen.tensors import to_tensor
-from synthgen.device import resolve_device
+from synthgen.device import cpu_autocast, cpu_bf16_enabled, resolve_device
 from synthgen.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from synthgen.models import cgan, cvae, vaegan
 from synthgen.models.diffaugment import parse_policy
@@ -65,6 +65,18 @@ def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
     """Draw a batch by index and run the model's inner step; returns finite python-float losses."""
     batch = torch.randint(len(images), (config.batch_size,), generator=state.rng).to(images.device)
     real, batch_labels = images[batch], labels[batch]
+    with cpu_autocast(images.device, config.cpu_bf16):
+        losses = model_step(config, state, real, batch_labels)
+    values = {name: float(value) for name, value in losses.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise TrainingError(
+            f"non-finite loss at step {state.step + 1}: {values}; lower the learning rate or check the data"
+        )
+    return values
+
+
+def model_step(config: TrainConfig, state: TrainState, real: torch.Tensor, batch_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``config.model``'s own train step on one (N, C, H, W) batch; returns its loss tensors."""
     if config.model == "cgan":
         section = config.cgan
         losses = cgan.train_step(
@@ -82,17 +94,13 @@ def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
     else:
         kl_weight = cvae.kl_weight_at(state.step, config.cvae.kl_weight, config.cvae.kl_warmup_steps)
         losses = cvae.train_step(state.network, state.optimizers, real, batch_labels, state.rng, kl_weight, **state.parallel)
-    values = {name: float(value) for name, value in losses.items()}
-    if not all(math.isfinite(v) for v in values.values()):
-        raise TrainingError(
-            f"non-finite loss at step {state.step + 1}: {values}; lower the learning rate or check the data"
-        )
-    return values
+    return losses
 
 
 def validation_loss(config: TrainConfig, state: TrainState, images: torch.Tensor, labels: torch.Tensor) -> float:
     module = {"cgan": cgan, "cvae": cvae, "vaegan": vaegan}[config.model]
-    return module.validation_loss(state.network, images, labels)
+    with cpu_autocast(images.device, config.cpu_bf16):
+        return module.validation_loss(state.network, images, labels)
 
 
 def train_loop(
@@ -227,6 +235,7 @@ def training_summary(config: TrainConfig, state: TrainState, start_step: int, wa
         "final_losses": pending_row(state) or (state.history[-1] if state.history else {}),
         "final_val_loss": state.evals[-1]["val_loss"] if state.evals else None,
         "device": str(device),
+        "precision": "bf16" if device.type == "cuda" or cpu_bf16_enabled(device, config.cpu_bf16) else "fp32",
     }
 
 

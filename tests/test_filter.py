@@ -147,6 +147,16 @@ def test_round_limit_and_shortfalls_when_everything_is_rejected(tiny_prepared, m
     assert len(artifacts.load_accepted(out).y) == 0
 
 
+def test_classes_with_fewer_real_images_than_min_class_images_keep_every_candidate(tiny_prepared, models_root, pool_dir, tmp_path):
+    # 8 real images per class: at 9 no class is judged, so a novelty cut that rejects everything rejects nothing
+    reject_all = {"filter.novelty_threshold": 1e6, "generate.max_rounds": 1}
+    summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a", **reject_all, **{"filter.min_class_images": 9})
+    assert summary["accepted"] == summary["quota"] and summary["shortfalls"] == {}
+    assert all(not entry["judged"] and entry["novelty_acceptance"] == 1.0 for entry in summary["per_class"].values())
+    judged = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b", **reject_all, **{"filter.min_class_images": 8})
+    assert judged["accepted"] == 0 and all(entry["judged"] for entry in judged["per_class"].values())
+
+
 def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_root, pool_dir, tmp_path):
     out = tmp_path / "synthetic"
     overrides = {"filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0, "generate.min_per_class": 25}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.filters import ConfidenceFilter, NoveltyFilter, RealnessFilter, per_class_quantile
+from synthgen.filters import ConfidenceFilter, NoveltyFilter, RealnessFilter, judge_only, per_class_quantile
 from synthgen.metrics import stratified_folds
 from synthgen.models import interpolate_codes
 
@@ -95,6 +95,17 @@ def test_novelty_scale_is_leave_one_out_within_the_class():
     lone = NoveltyFilter(threshold=0.5).fit(np.concatenate([X, X[:1]]), np.array([0, 0, 1, 1, 2]))
     assert lone.scales_[2] == pytest.approx(np.median([0.2, 1.0]))  # a one-image class: median of the others
     assert not lone.keep(X[:1], np.array([0]))[0]  # an exact copy is rejected
+
+
+def test_judge_only_passes_every_sample_of_a_class_with_too_few_real_images():
+    X, y = _images(9), np.repeat([0, 1], [6, 3])
+    fitted = NoveltyFilter(threshold=0.5).fit(X, y)
+    copies, labels = X[[0, 1, 6, 7]], np.array([0, 0, 1, 1])  # exact copies: rejected in every judged class
+    assert not fitted.keep(copies, labels).any()
+    judge_only(fitted, np.bincount(y), min_images=5)
+    assert fitted.judged_.tolist() == [True, False]
+    assert fitted.keep(copies, labels).tolist() == [False, False, True, True]  # class 1 has 3 < 5 images
+    assert not judge_only(fitted, np.bincount(y), min_images=1).keep(copies, labels).any()  # 1: every class judged
 
 
 def test_rare_classes_borrow_codes_of_every_class_and_common_ones_keep_their_own():

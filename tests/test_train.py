@@ -20,8 +20,8 @@ from synthgen.data import LabeledImages, PreparedData, save_prepared
 from synthgen.io import read_json
 from synthgen.models import load_generator
 
-TINY = [
-    "train.model=cgan", "train.batch_size=16", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10",
+TINY = [  # fp32 everywhere: the bf16 CPU path has its own tests below
+    "train.model=cgan", "train.cpu_bf16=false", "train.batch_size=16", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=10",
     "train.device=cpu",
     "train.cgan.base_channels=4", "train.cgan.latent_dim=8", "train.cvae.base_channels=4", "train.cvae.latent_dim=4",
     "train.vaegan.base_channels=4", "train.vaegan.latent_dim=4",
@@ -84,9 +84,12 @@ def test_main_writes_outputs(prepared_dir, tmp_path, kind):
     assert payload["step"] == 20
 
 
-@pytest.mark.parametrize("kind, steps", [("cvae", 150), ("cgan", 300), ("vaegan", 150)])
-def test_conditioning_really_conditions(prepared_dir, tmp_path, kind, steps):
+@pytest.mark.parametrize("kind, steps, bf16", [("cvae", 150, False), ("cgan", 300, False), ("vaegan", 150, False),
+                                              ("cvae", 150, True), ("cgan", 300, True)])
+def test_conditioning_really_conditions(prepared_dir, tmp_path, kind, steps, bf16):
+    # bf16: a weight cache kept across the step (autocast's default) froze the weights the forward saw, and nothing conditioned
     summary = run_main(prepared_dir, tmp_path, f"train.model={kind}", f"train.steps={steps}", "train.checkpoint_every=1000",
+             f"train.cpu_bf16={str(bf16).lower()}",
              "train.cgan.base_channels=8", "train.cgan.lr_generator=0.001", "train.cgan.lr_discriminator=0.001",
              "train.cvae.base_channels=8", "train.cvae.kl_warmup_steps=50", "train.cvae.kl_weight=1.0",
              "train.vaegan.base_channels=8", "train.vaegan.kl_warmup_steps=50", "train.vaegan.kl_weight=1.0")
@@ -104,11 +107,12 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["network"]
 
 
-@pytest.mark.parametrize("kind", ["cgan", "vaegan"])
-def test_resume_in_process_is_bit_identical(prepared_dir, tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize("kind, bf16", [("cgan", False), ("vaegan", False), ("vaegan", True)])
+def test_resume_in_process_is_bit_identical(prepared_dir, tmp_path, kind, bf16, monkeypatch):
     # the cGAN's conditioning fades in over the run and both models carry LeCam anchors: all in the checkpoint
-    straight = tmp_path / "straight"
-    run_main(prepared_dir, straight, f"train.model={kind}", "train.steps=30")
+    straight, precision = tmp_path / "straight", f"train.cpu_bf16={str(bf16).lower()}"
+    summary = run_main(prepared_dir, straight, f"train.model={kind}", "train.steps=30", precision)
+    assert summary["precision"] == ("bf16" if bf16 else "fp32")
     resumed, write_checkpoint = tmp_path / "resumed", train.write_checkpoint
 
     def crash_after_step_14(state, *args, **kwargs):
@@ -118,9 +122,9 @@ def test_resume_in_process_is_bit_identical(prepared_dir, tmp_path, kind, monkey
 
     monkeypatch.setattr(train, "write_checkpoint", crash_after_step_14)
     with pytest.raises(KeyboardInterrupt):
-        run_main(prepared_dir, resumed, f"train.model={kind}", "train.steps=30", "train.checkpoint_every=7")
+        run_main(prepared_dir, resumed, f"train.model={kind}", "train.steps=30", "train.checkpoint_every=7", precision)
     monkeypatch.setattr(train, "write_checkpoint", write_checkpoint)
-    summary = run_main(prepared_dir, resumed, f"train.model={kind}", "train.steps=30", "train.checkpoint_every=7")
+    summary = run_main(prepared_dir, resumed, f"train.model={kind}", "train.steps=30", "train.checkpoint_every=7", precision)
     assert summary["resumed_from_step"] == 14
     for name, tensor in _weights(straight / f"models/{kind}/generator.pt").items():
         assert torch.equal(tensor, _weights(resumed / f"models/{kind}/generator.pt")[name]), name
