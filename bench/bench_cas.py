@@ -1,5 +1,6 @@
 """CAS against real-only: the fixed classifier trained on the accepted synthetic set alone, then on the real images alone.
 
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_cas.py                     # data/ after `make run`
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_cas.py /tmp/bench/g20/mnist-20pc-0 --steps 1000 --seeds 5
 
 WORK holds ``prepared/`` and ``synthetic/`` (a ``bench/bench_gain.py`` work directory, or a
@@ -29,10 +30,13 @@ from synthgen.recipes import classifier_params, recipe_named
 
 
 def main(
-    work: Annotated[Path, typer.Argument(help="Directory holding prepared/ and synthetic/.")],
+    work: Annotated[Path, typer.Argument(help="Directory holding prepared/ and synthetic/.")] = Path("data"),
     steps: Annotated[int, typer.Option(help="Classifier steps (the stage's budget).")] = 1000,
     seeds: Annotated[int, typer.Option(help="Classifier seeds.")] = 5,
 ) -> None:
+    if not (work / "synthetic" / "filter_summary.json").is_file():
+        print(f"{work} holds no accepted synthetic set: run `make run` (or bench/bench_gain.py) first, or pass a directory")
+        return
     prepared, synthetic = load_prepared(work / "prepared"), load_accepted(work / "synthetic")
     params = classifier_params(recipe_named("real"), EvaluateConfig(device="cpu"), prepared.n_classes, steps)
     scores = {}
