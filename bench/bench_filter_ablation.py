@@ -73,6 +73,9 @@ def spread_out(x: np.ndarray, labels: np.ndarray, mask: np.ndarray, quotas: np.n
     return np.concatenate([k_center(x, walked[labels[walked] == c], quotas[c]) for c in range(len(quotas))])
 
 
+PLACEBO = "random rejection (placebo: per class as many as the first cut + confidence + novelty)"
+
+
 def random_rejection(labels: np.ndarray, rejected: np.ndarray, seed: int) -> np.ndarray:
     """A placebo for a filter: per class, reject as many rows as ``rejected`` does, chosen at random.
 
@@ -105,9 +108,6 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         "spread-out (k-center in pixels) with no filter": np.ones(len(pool_y), bool),
     }
     d_scores = manifest[SCORE_COLUMNS["discriminator"]].to_numpy()
-    for q in quantiles[:1]:  # the placebo rejects what the first cut with the other two filters rejects
-        cut = per_class_quantile(d_scores, pool_y, len(names), q)
-        masks[PLACEBO] = (d_scores >= cut[pool_y]) & passes["classifier"] & passes["novelty"]  # redrawn per order
     for q in quantiles:
         cut = per_class_quantile(d_scores, pool_y, len(names), q)
         masks[f"discriminator rejects {q:.0%} + confidence + novelty"] = (d_scores >= cut[pool_y]) & passes["classifier"] & passes["novelty"]
@@ -119,6 +119,8 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         top = per_class_quantile(d_scores, pool_y, len(names), 1 - q)
         masks[f"discriminator rejects its most real {q:.0%}"] = d_scores <= top[pool_y]
         masks[f"spread-out (k-center in pixels) after the discriminator rejects {q:.0%}"] = d_scores >= cut[pool_y]
+    if quantiles:  # the placebo rejects as many as the first cut with the other two filters (redrawn per order)
+        masks[PLACEBO] = masks[f"discriminator rejects {quantiles[0]:.0%} + confidence + novelty"]
     # the stage's novelty threshold is novelty_threshold x the class's scale; other multiples of the same scale
     scales = np.array([summary["per_class"][c]["novelty_threshold"] for c in names], float) / novelty_threshold
     distances = manifest[SCORE_COLUMNS["novelty"]].to_numpy()
@@ -128,9 +130,6 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
     for p in probabilities:
         masks[f"confidence rejects p(y) < {p:g}"] = confidence >= p
     return masks
-
-
-PLACEBO = "random rejection (placebo: per class as many as the first cut + confidence + novelty)"
 
 
 def main(

@@ -74,10 +74,10 @@ def judge_only(fitted: _Filter, train_counts: np.ndarray, min_images: int) -> _F
     A filter knows a class only through its real images. With fewer than about five (the number below
     which the cVAE borrows style from other classes, on purpose) "least real", "least confident" and
     "closest to a training image" all mean "least like those few images", and those are the samples
-    that teach a classifier the class's variation: on MNIST long tails the three filters together cost
-    about a point of balanced accuracy against the unfiltered candidates, where rejecting as many at
-    random cost nothing, and judging only the larger classes removed the cost (bench/bench_filter_ablation.py,
-    docs/RESULTS.md).
+    that teach a classifier the class's variation. On two MNIST long tails the three filters together
+    cost about a point of balanced accuracy against the unfiltered candidates, where rejecting as many
+    at random cost nothing; judging only the larger classes cut that cost by a half and by a fifth,
+    not to zero (bench/bench_filter_ablation.py, docs/RESULTS.md).
     """
     fitted.judged_ = np.asarray(train_counts) >= min_images
     return fitted
