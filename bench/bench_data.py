@@ -20,7 +20,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from synthgen import prepare
+from synthgen import data
 from synthgen.sources import load_source
 from synthgen.config import Config, DataConfig
 from synthgen.sources import load_image_folder

@@ -22,7 +22,8 @@ they can only say how far a sample is from those few images); the same share cut
 confidence filter at fixed cuts (``--probabilities``: only samples the real-data classifier gives
 less than p for their class); instead of the first candidates, a spread-out subset (greedy k-center
 in pixel space, per class); a placebo that rejects as many candidates per class as the first
-``--quantiles`` cut with confidence and novelty does, at random (redrawn per order); the novelty filter at other multiples of each class's scale
+``--quantiles`` cut with confidence and novelty does (or as the stage's accepted set), at random
+(redrawn per order); the novelty filter at other multiples of each class's scale
 (``--novelty``: near-copies of a training image, by pixel distance).
 """
 
@@ -74,6 +75,7 @@ def spread_out(x: np.ndarray, labels: np.ndarray, mask: np.ndarray, quotas: np.n
 
 
 PLACEBO = "random rejection (placebo: per class as many as the first cut + confidence + novelty)"
+STAGE_PLACEBO = "random rejection (placebo: per class as many as the stage's accepted set)"
 
 
 def random_rejection(labels: np.ndarray, rejected: np.ndarray, seed: int) -> np.ndarray:
@@ -98,6 +100,9 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         thresholds = [summary["per_class"][c][f"{name}_threshold"] for c in names]
         on = "n/a" not in thresholds
         passes[name] = manifest[SCORE_COLUMNS[name]].to_numpy() >= np.array(thresholds, float)[pool_y] if on else np.ones(len(pool_y), bool)
+    unjudged_by_stage = np.array([not summary["per_class"][c].get("judged", True) for c in names])[pool_y]
+    for name in FILTERS:  # the stage passes every sample of a class it does not judge (filter.min_class_images)
+        passes[name] |= unjudged_by_stage
     masks = {
         "no filter": np.ones(len(pool_y), bool),
         "all filters (the stage's accepted set)": passes["discriminator"] & passes["classifier"] & passes["novelty"],
@@ -121,6 +126,7 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         masks[f"spread-out (k-center in pixels) after the discriminator rejects {q:.0%}"] = d_scores >= cut[pool_y]
     if quantiles:  # the placebo rejects as many as the first cut with the other two filters (redrawn per order)
         masks[PLACEBO] = masks[f"discriminator rejects {quantiles[0]:.0%} + confidence + novelty"]
+    masks[STAGE_PLACEBO] = masks["all filters (the stage's accepted set)"]
     # the stage's novelty threshold is novelty_threshold x the class's scale; other multiples of the same scale
     scales = np.array([summary["per_class"][c]["novelty_threshold"] for c in names], float) / novelty_threshold
     distances = manifest[SCORE_COLUMNS["novelty"]].to_numpy()
@@ -166,7 +172,7 @@ def main(
     tail_recall = {name: [] for name in masks}
     for order in order_list:
         for name, mask in masks.items():
-            if name == PLACEBO:
+            if name in (PLACEBO, STAGE_PLACEBO):
                 mask = random_rejection(pool.y, ~mask, seed=len(accuracy[name]))
             chosen = (spread_out(pool.x, pool.y, mask, quotas, order) if name.startswith("spread-out")
                       else first_passing(pool.y, mask, quotas, order))

@@ -152,6 +152,8 @@ def main(
     work: Annotated[Path, typer.Option(help="Scratch directory for the pipeline outputs.")] = Path("/tmp/synthgen-bench-gain"),
     out: Annotated[Path, typer.Option(help="JSON results.")] = Path("/tmp/synthgen-bench-gain/results.json"),
     reuse: Annotated[bool, typer.Option(help="Reuse pipeline outputs already in --work (evaluation-only reruns).")] = False,
+    evaluate_arms: Annotated[bool, typer.Option("--evaluate/--no-evaluate",
+                                                help="--no-evaluate: run only the pipeline (for bench_filter_ablation.py).")] = True,
 ) -> None:
     source, dataset_overrides = DATASETS[dataset]
     if not source.exists():
@@ -166,7 +168,7 @@ def main(
             overrides = base + SETTINGS[setting] + [f"data.seed={draw}"]
             config, prepared, accepted, pool, seconds = run_pipeline(overrides, work / f"{dataset}-{setting}-{draw}", params, reuse)
             console.print(f"{dataset} {setting} draw {draw}: pipeline {seconds:.0f}s, {len(accepted.y)} accepted of {len(pool.y)} candidates")
-            for extra in variants:
+            for extra in variants if evaluate_arms else []:
                 row = evaluate_variant(config, prepared, accepted, pool, extra, params, overrides)
                 rows.append({"dataset": dataset, "setting": setting, "draw": draw, "pipeline_seconds": seconds, **row})
                 console.print(f"  [{row['variant']}] {row['reason']} ({row['seconds']:.0f}s)")

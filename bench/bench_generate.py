@@ -1,7 +1,7 @@
 """Benchmark of generation + filtering + PNG writing at MNIST size (28x28), printed as tables.
 
     nice -n 5 .venv/bin/python bench/bench_generate.py [PREPARED_DIR] [GENERATOR_PT] [--device cuda]
-        [--samples N] [--batch-size B] [--work-dir DIR]
+        [--samples N] [--batch-size B] [--work-dir DIR] [--rss-sizes 10000,100000,1000000] [--rss-only]
 
 PREPARED_DIR defaults to an MNIST 20-per-class split drawn here from ../shared/data/mnist-t10k;
 GENERATOR_PT defaults to models/cgan/generator.pt when it exists, else an untrained default-size
@@ -13,7 +13,8 @@ cGAN (speed rows only: acceptance rates then mean nothing). Rows:
   x achieved samples/s as a fraction of the
   dense matmul rate measured in the same run, in the precision sampling runs in (fp32 on the CPU,
   bf16 under autocast on CUDA);
-* peak RSS of generating + scoring 10k and 100k samples (a fresh subprocess per size);
+* peak RSS of generating + scoring 10k and 100k samples (``--rss-sizes``; a fresh subprocess per size;
+  ``--rss-only`` prints only these rows);
 * acceptance per filter on the MNIST split (with the given or trained generator).
 """
 
@@ -34,7 +35,7 @@ from PIL import Image
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from synthgen import filter as flt, generate, prepare
+from synthgen import data, filter as flt, generate, prepare
 from synthgen.tensors import to_uint8
 from synthgen.config import FilterConfig, GenerateConfig, load_config
 from synthgen.filter_outputs import save_png
@@ -152,16 +153,41 @@ def rss_child(n_samples: int, model_path: str, prepared_dir: str, device: str) -
 
 
 def main(prepared_dir: Path | None = None, model_path: Path | None = None, device: str = "cpu",
-         n_samples: int = N_FAST, batch_size: int = 1024, work_dir: Path | None = None) -> None:
+         n_samples: int = N_FAST, batch_size: int = 1024, work_dir: Path | None = None,
+         rss_sizes: tuple[int, ...] = (10_000, 100_000), rss_only: bool = False) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_generate.", dir=work_dir) as tmp:
-        run_all(Path(tmp), prepared_dir, model_path, torch.device(device), n_samples, batch_size)
+        if rss_only:
+            prepared_dir = prepared_dir or default_prepared(Path(tmp))
+            peak_rss(Path(tmp), prepared_dir, data.load_prepared(prepared_dir), torch.device(device), rss_sizes)
+        else:
+            run_all(Path(tmp), prepared_dir, model_path, torch.device(device), n_samples, batch_size, rss_sizes)
 
 
-def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, device: torch.device, n_samples: int, batch_size: int) -> None:
+def default_prepared(work: Path) -> Path:
+    """An MNIST 20-per-class split drawn from ../shared, in ``work``."""
+    config = load_config(None, [f"data.source={MNIST}", "data.per_class=20", "data.val_per_class=10", "data.test_per_class=10"])
+    prepare.main(config, work / "prepared", progress=False)
+    return work / "prepared"
+
+
+def peak_rss(work: Path, prepared_dir: Path, prepared, device: torch.device, sizes: tuple[int, ...]) -> None:
+    """Peak RSS of generate + D + novelty scoring, shard by shard, for each requested count (a fresh subprocess each)."""
+    # a small (base_channels=8) cGAN keeps 100k samples affordable on 2 shared cores; memory per batch, not per count, is the point
+    image_shape = (prepared.image_shape[2], *prepared.image_shape[:2])
+    small_path = work / "small.pt"
+    save_generator(build_generator("cgan", prepared.n_classes, image_shape, base_channels=8), small_path)
+    print("\n== peak RSS (generate + D + novelty scoring of every shard, base_channels=8 cGAN, fresh subprocess per size)")
+    for n in sizes:
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "rss", str(n), str(small_path), str(prepared_dir), str(device)],
+                             capture_output=True, text=True, check=True)
+        print(f"{n:>9,} requested: {float(out.stdout.split()[-1]):,.0f} MiB ({time.perf_counter() - started:,.0f} s)", flush=True)
+
+
+def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, device: torch.device, n_samples: int, batch_size: int,
+            rss_sizes: tuple[int, ...] = (10_000, 100_000)) -> None:
     if prepared_dir is None:
-        config = load_config(None, [f"data.source={MNIST}", "data.per_class=20", "data.val_per_class=10", "data.test_per_class=10"])
-        prepared_dir = work / "prepared"
-        prepare.main(config, prepared_dir, progress=False)
+        prepared_dir = default_prepared(work)
     prepared = data.load_prepared(prepared_dir)
     image_shape = (prepared.image_shape[2], *prepared.image_shape[:2])
     if model_path is None:
@@ -218,14 +244,7 @@ def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, devi
               f"G+D+classifier at {per_sample * len(labels) / model_seconds / rate:.2f} of it, "
               f"end to end incl. novelty + PNG at {per_sample * len(labels) / total / rate:.2f}")
 
-    # a small (base_channels=8) cGAN keeps 100k samples affordable on 2 shared cores; memory per batch, not per count, is the point
-    small_path = work / "small.pt"
-    save_generator(build_generator("cgan", prepared.n_classes, image_shape, base_channels=8), small_path)
-    print("\n== peak RSS (generate + D + novelty scoring of every shard, base_channels=8 cGAN, fresh subprocess per size)")
-    for n in (10_000, 100_000):
-        out = subprocess.run([sys.executable, __file__, "rss", str(n), str(small_path), str(prepared_dir), str(device)],
-                             capture_output=True, text=True, check=True)
-        print(f"{n:>7} requested: {float(out.stdout.split()[-1]):,.0f} MiB")
+    peak_rss(work, prepared_dir, prepared, device, rss_sizes)
 
     pool = generate.sample_batches(model, np.repeat(np.arange(prepared.n_classes), 200), 0, batch_size, 0, device, latent)
     pool_y = np.repeat(np.arange(prepared.n_classes), 200)
@@ -257,5 +276,8 @@ if __name__ == "__main__":
         parser.add_argument("--batch-size", type=int, default=1024)
         parser.add_argument("--work-dir", type=Path, help="where the PNGs are written (default: the system temp dir); "
                             "PNG rows measure this disk as much as the encoder")
+        parser.add_argument("--rss-sizes", default="10000,100000", help="requested counts of the peak-RSS rows, comma-separated")
+        parser.add_argument("--rss-only", action="store_true", help="print only the peak-RSS rows")
         args = parser.parse_args()
-        main(args.prepared_dir, args.model_path, args.device, args.samples, args.batch_size, args.work_dir)
+        main(args.prepared_dir, args.model_path, args.device, args.samples, args.batch_size, args.work_dir,
+             tuple(int(n) for n in args.rss_sizes.split(",") if n), args.rss_only)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import torch
 from scipy import linalg
 
 from synthgen.config import EvaluateConfig

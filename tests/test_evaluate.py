@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
 from synthgen import evaluate, recipes
 from synthgen.config import Config, EvaluateConfig

@@ -221,3 +221,23 @@ def test_lecam_penalty_is_zero_on_the_right_side_of_the_anchors_and_tracks_them(
     penalty = cgan.lecam_penalty(torch.tensor([0.0]), torch.tensor([0.0]), anchors)
     assert penalty == pytest.approx(1.0 + 1.0)  # relu(0 - (-1))^2 + relu(1 - 0)^2
     assert anchors.tolist() == pytest.approx([0.99, -0.99])  # moved 1% toward the batch means
+
+
+def test_mode_seeking_loss_punishes_pairs_closer_than_their_noise():
+    z_first, z_second = torch.zeros(4, 8), torch.ones(4, 8)
+    images = torch.rand(4, 1, 8, 8)
+    collapsed = cgan.mode_seeking_loss(images, images + 1e-3, z_first, z_second)
+    diverse = cgan.mode_seeking_loss(images, -images, z_first, z_second)
+    assert collapsed > 100 * diverse  # near-identical images from different noise cost far more
+    assert cgan.generator_labels(torch.tensor([3, 1, 4, 1, 5])).tolist() == [3, 1, 3, 1, 5]  # pairs (i, i + N // 2) share a class
+
+
+def test_cgan_train_step_with_mode_seeking_logs_the_term_and_trains():
+    network = cgan.CGAN(cgan.CGANConfig(3, (1, 8, 8), latent_dim=8, base_channels=4))
+    optimizers = cgan.build_optimizers(network, 2e-4, 2e-4)
+    real, labels = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    before = [p.detach().clone() for p in network.generator.parameters()]
+    losses = cgan.train_step(network, optimizers, real, labels, torch.Generator().manual_seed(0), 0, (), 0.999, mode_seeking_weight=1.0)
+    assert torch.isfinite(losses["loss_ms"]) and losses["loss_ms"] > 0
+    assert any((p - b).abs().max() > 0 for p, b in zip(network.generator.parameters(), before))
+    assert "loss_ms" not in cgan.train_step(network, optimizers, real, labels, torch.Generator().manual_seed(0), 1, (), 0.999)

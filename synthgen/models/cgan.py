@@ -209,6 +209,19 @@ def _noise(n: int, latent_dim: int, rng: torch.Generator, device: torch.device) 
     return torch.randn(n, latent_dim, generator=rng).to(device)
 
 
+def mode_seeking_loss(first: torch.Tensor, second: torch.Tensor, z_first: torch.Tensor, z_second: torch.Tensor) -> torch.Tensor:
+    """1 / (mean |x1 - x2| / mean |z1 - z2|) over pairs of samples (Mao et al. 2019, MSGAN): large when
+    different noise gives near-identical images. Means over the batch, as the reference implementation."""
+    ratio = (first.float() - second.float()).abs().mean() / (z_first.float() - z_second.float()).abs().mean()
+    return 1.0 / (ratio + 1e-5)
+
+
+def generator_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels for the generator step with mode seeking: sample i and i + N // 2 share row i's class."""
+    half = len(labels) // 2
+    return torch.cat([labels[:half], labels[:half], labels[2 * half:]])
+
+
 def train_step(
     model: CGAN,
     optimizers: dict[str, torch.optim.Optimizer],
@@ -220,12 +233,15 @@ def train_step(
     ema_decay: float,
     lecam_weight: float = 0.0,
     strength: float = 1.0,
+    mode_seeking_weight: float = 0.0,
     generator_net: nn.Module | None = None,
     discriminator_net: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """One discriminator step and one generator step on a batch of real (N, C, H, W) images.
 
-    ``strength``: class-conditioning strength (:func:`condition_strength`). ``generator_net`` /
+    ``strength``: class-conditioning strength (:func:`condition_strength`). With ``mode_seeking_weight``
+    > 0 the generator step draws pairs of one class (:func:`generator_labels`) and adds
+    :func:`mode_seeking_loss`. ``generator_net`` /
     ``discriminator_net`` are the modules to call (e.g. DistributedDataParallel wrappers); by
     default the model's own networks.
     """
@@ -236,14 +252,22 @@ def train_step(
         fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels, strength))
     losses = discriminator_update(discriminator, optimizers["discriminator"], real, fake.float(), labels, rng, policy, lecam_weight,
                                   model.lecam_anchors, strength)
+    seeking = mode_seeking_weight > 0
+    g_labels = generator_labels(labels) if seeking else labels
     with autocast(device):
-        fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels, strength))
-        loss_g = hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), labels, strength).float())
+        z = _noise(len(real), latent_dim, rng, device)
+        fake = output_activation(generator(z, g_labels, strength))
+        loss_g = hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), g_labels, strength).float())
+    extra = {}
+    if seeking:
+        half = len(real) // 2
+        extra["loss_ms"] = mode_seeking_loss(fake[:half], fake[half : 2 * half], z[:half], z[half : 2 * half])
+    total = loss_g + mode_seeking_weight * extra["loss_ms"] if seeking else loss_g
     optimizers["generator"].zero_grad(set_to_none=True)
-    loss_g.backward()
+    total.backward()
     optimizers["generator"].step()
     update_ema(model.ema_generator, generator, ema_decay, step)
-    return {**losses, "loss_g": loss_g.detach(), "strength": torch.tensor(strength)}
+    return {**losses, "loss_g": loss_g.detach(), **{k: v.detach() for k, v in extra.items()}, "strength": torch.tensor(strength)}
 
 
 @torch.no_grad()
