@@ -241,3 +241,5 @@ def test_cgan_train_step_with_mode_seeking_logs_the_term_and_trains():
     assert torch.isfinite(losses["loss_ms"]) and losses["loss_ms"] > 0
     assert any((p - b).abs().max() > 0 for p, b in zip(network.generator.parameters(), before))
     assert "loss_ms" not in cgan.train_step(network, optimizers, real, labels, torch.Generator().manual_seed(0), 1, (), 0.999)
+    single = cgan.train_step(network, optimizers, real[:1], labels[:1], torch.Generator().manual_seed(0), 2, (), 0.999, mode_seeking_weight=1.0)
+    assert "loss_ms" not in single and torch.isfinite(single["loss_g"])  # a batch of one has no pair: no NaN

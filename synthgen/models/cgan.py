@@ -252,7 +252,7 @@ def train_step(
         fake = output_activation(generator(_noise(len(real), latent_dim, rng, device), labels, strength))
     losses = discriminator_update(discriminator, optimizers["discriminator"], real, fake.float(), labels, rng, policy, lecam_weight,
                                   model.lecam_anchors, strength)
-    seeking = mode_seeking_weight > 0
+    seeking = mode_seeking_weight > 0 and len(real) >= 2  # a batch of one has no pair
     g_labels = generator_labels(labels) if seeking else labels
     with autocast(device):
         z = _noise(len(real), latent_dim, rng, device)
