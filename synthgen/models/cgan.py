@@ -258,16 +258,16 @@ def train_step(
         z = _noise(len(real), latent_dim, rng, device)
         fake = output_activation(generator(z, g_labels, strength))
         loss_g = hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), g_labels, strength).float())
-    extra = {}
+    total, logged = loss_g, {**losses, "loss_g": loss_g.detach()}
     if seeking:
         half = len(real) // 2
-        extra["loss_ms"] = mode_seeking_loss(fake[:half], fake[half : 2 * half], z[:half], z[half : 2 * half])
-    total = loss_g + mode_seeking_weight * extra["loss_ms"] if seeking else loss_g
+        loss_ms = mode_seeking_loss(fake[:half], fake[half : 2 * half], z[:half], z[half : 2 * half])
+        total, logged["loss_ms"] = loss_g + mode_seeking_weight * loss_ms, loss_ms.detach()
     optimizers["generator"].zero_grad(set_to_none=True)
     total.backward()
     optimizers["generator"].step()
     update_ema(model.ema_generator, generator, ema_decay, step)
-    return {**losses, "loss_g": loss_g.detach(), **{k: v.detach() for k, v in extra.items()}, "strength": torch.tensor(strength)}
+    return {**logged, "strength": torch.tensor(strength)}
 
 
 @torch.no_grad()
