@@ -155,12 +155,16 @@ class FilterConfig(Section):
     )
     discriminator_quantile: float = Field(
         0.02, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class (out-of-fold); the posthoc "
-        "cut never rejects more than this quantile of the class's out-of-fold generated images (a guard against broken "
-        "samples: rejecting more costs downstream accuracy, docs/RESULTS.md)."
+        "cut rejects at most about this share of a class's candidates (calibrated on generated images it did not learn "
+        "from; a guard against broken samples: rejecting more costs downstream accuracy, docs/RESULTS.md)."
     )
     discriminator_steps: int = Field(300, ge=1, description="Training steps of each posthoc discriminator fold.")
     discriminator_samples: int = Field(
         100, ge=1, description="Generated images per class the posthoc discriminator learns from (drawn as generate draws them, other seeds)."
+    )
+    discriminator_calibration_samples: int = Field(
+        400, ge=1, description="Generated images per class that no posthoc fold learns from, scored as candidates are: "
+        "discriminator_quantile of their scores is the cap (at 100, the 2% cut rejected 0.5-4% of a class's candidates)."
     )
     classifier: bool = Field(True, description="Use the classifier-confidence filter.")
     classifier_threshold: float = Field(0.5, ge=0, le=1, description="Min. probability of the conditioned class (after per-class calibration).")

@@ -43,28 +43,43 @@ TOPUP_CAP = 10  # one round never asks for more than 10x the class's first-round
 
 # ------------------------------------------------------------------- fit + score
 def fit_filters(config: FilterConfig, prepared: PreparedData, model, device: torch.device,
-                fakes: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                fakes: GeneratedReference | None = None) -> dict:
     """:func:`fit_filters_on` the prepared train split, calibrated on the val split when it has images."""
     held_out = (prepared.val.x, prepared.val.y) if len(prepared.val.y) else None
     return fit_filters_on(config, prepared.train.x, prepared.train.y, model, device, held_out, prepared.n_classes, fakes)
 
 
+@dataclass(frozen=True)
+class GeneratedReference:
+    """Generated images the posthoc discriminator learns from (``x``, ``y``), and others that no fold learns
+    from (``calibration_x``, ``calibration_y``): they are scored as candidates are, so the cap on the share it
+    rejects holds for candidates (DRS's burn-in samples, Azadi et al. 2019)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    calibration_x: np.ndarray
+    calibration_y: np.ndarray
+
+
 def reference_samples(model, n_classes: int, config: FilterConfig, gen: GenerateConfig, device: str,
-                      latent: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """``config.discriminator_samples`` generated images per class for the posthoc discriminator: drawn
-    as candidates are (same latent mode), from seeds no candidate uses. Returns (x uint8, y), or None
-    when the posthoc discriminator is off."""
+                      latent: str) -> GeneratedReference | None:
+    """``config.discriminator_samples`` generated images per class for the posthoc discriminator to learn from
+    and ``config.discriminator_calibration_samples`` to calibrate its cap on, drawn as candidates are (same
+    latent mode) from seeds no candidate uses; None when the posthoc discriminator is off."""
     if not (config.discriminator and config.discriminator_source == "posthoc"):
         return None
-    seed = int(np.random.SeedSequence([gen.seed, config.seed, 0x5EED]).generate_state(1)[0])
-    requests = np.full(n_classes, config.discriminator_samples, dtype=np.int64)
-    drawn = generate_candidates(model, requests, 0, gen.model_copy(update={"seed": seed}), device, latent)
-    return drawn["x"], drawn["y"]
+    drawn = []
+    # learn from (the seeds it has always had), calibrate on
+    for count, extra in ((config.discriminator_samples, []), (config.discriminator_calibration_samples, [1])):
+        seed = int(np.random.SeedSequence([gen.seed, config.seed, 0x5EED, *extra]).generate_state(1)[0])
+        requests = np.full(n_classes, count, dtype=np.int64)
+        drawn.append(generate_candidates(model, requests, 0, gen.model_copy(update={"seed": seed}), device, latent))
+    return GeneratedReference(drawn[0]["x"], drawn[0]["y"], drawn[1]["x"], drawn[1]["y"])
 
 
 def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, device: torch.device,
                    held_out: tuple[np.ndarray, np.ndarray] | None = None, n_classes: int | None = None,
-                   fakes: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                   fakes: GeneratedReference | None = None) -> dict:
     """Fit each enabled filter on real images (uint8 (N, H, W, C), labels 0..K-1); None marks a filter
     that is off or not applicable (``discriminator_source: model`` without a discriminator, or
     ``posthoc`` without ``fakes``, the :func:`reference_samples` it learns from).
@@ -76,11 +91,11 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     held_x, held_y = held_out if held_out is not None else (None, None)
     n_classes = n_classes or int(np.max(y)) + 1
     filters: dict = dict.fromkeys(FILTERS)
-    if config.discriminator and config.discriminator_source == "posthoc" and fakes is not None and len(fakes[1]):
+    if config.discriminator and config.discriminator_source == "posthoc" and fakes is not None and len(fakes.y):
         filters["discriminator"] = RealnessFilter(
             n_classes, config.discriminator_quantile, config.discriminator_steps, config.calibration_folds, device=str(device),
             random_state=config.seed,
-        ).fit(x, y, *fakes, held_x, held_y)
+        ).fit(x, y, fakes.x, fakes.y, held_x, held_y, fakes.calibration_x, fakes.calibration_y)
     elif config.discriminator and config.discriminator_source == "model" and model is not None and model.has_discriminator:
         calibration = held_out if held_out is not None else (x, y)
         filters["discriminator"] = DiscriminatorFilter(model, config.discriminator_quantile, device=str(device)).fit(*calibration)
@@ -105,7 +120,7 @@ def calibration_note(prepared: PreparedData, filters: dict) -> str:
     if filters.get("novelty") is not None:
         parts.append("novelty scales: leave-one-out distances within each class")
     if isinstance(filters.get("discriminator"), RealnessFilter):
-        parts.append("discriminator (posthoc) thresholds: out-of-fold scores of real and generated images")
+        parts.append("discriminator (posthoc) thresholds: out-of-fold scores of real images, generated images no fold learned from")
     elif filters.get("discriminator") is not None:
         parts.append("discriminator thresholds: the training images (the discriminator saw them)")
     return "no held-out images; " + ("; ".join(parts) if parts else "no filter on")

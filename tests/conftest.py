@@ -46,7 +46,7 @@ TINY_PARAMS = [
     "train.cvae.kl_warmup_steps=5",
     "generate.min_per_class=5", "generate.batch_size=128", "generate.shard_size=256", "generate.max_rounds=1",
     "generate.device=cpu",
-    "filter.classifier_steps=20", "filter.discriminator_steps=20", "filter.discriminator_samples=20", "filter.device=cpu",
+    "filter.classifier_steps=20", "filter.discriminator_steps=20", "filter.discriminator_samples=20", "filter.discriminator_calibration_samples=40", "filter.device=cpu",
     "evaluate.seeds=2", "evaluate.steps=20", "evaluate.batch_size=16", "evaluate.width=8", "evaluate.device=cpu",
     "evaluate.quality=false",
 ]

@@ -272,3 +272,17 @@ def test_png_encoder_round_trips_through_pillow(tmp_path, shape):
     np.testing.assert_array_equal(decoded.reshape(shape), image)
     with pytest.raises(ValueError, match="uint8"):
         encode_png(image.astype(np.float32))
+
+
+def test_posthoc_reference_draws_separate_images_to_calibrate_its_cap_on(tiny_prepared, models_root):
+    config = tiny_config()
+    prepared = load_prepared(tiny_prepared)
+    model = generate.load_model(generate.model_path_for(config, models_root), "cpu")
+    fakes = flt.reference_samples(model, prepared.n_classes, config.filter, config.generate, "cpu", "prior")
+    assert np.bincount(fakes.y).tolist() == [config.filter.discriminator_samples] * prepared.n_classes
+    assert np.bincount(fakes.calibration_y).tolist() == [config.filter.discriminator_calibration_samples] * prepared.n_classes
+    assert not np.array_equal(fakes.x, fakes.calibration_x)  # other seeds: no fold learns from the calibration images
+    again = flt.reference_samples(model, prepared.n_classes, config.filter, config.generate, "cpu", "prior")
+    np.testing.assert_array_equal(again.calibration_x, fakes.calibration_x)
+    off = tiny_config(**{"filter.discriminator_source": "model"})
+    assert flt.reference_samples(model, prepared.n_classes, off.filter, off.generate, "cpu", "prior") is None

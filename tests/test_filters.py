@@ -153,3 +153,17 @@ def test_posthoc_discriminator_tells_real_from_generated_and_drops_only_the_leas
     assert realness.keep(unseen_real, unseen_y).mean() >= 0.8
     # the cut follows the generated images' own out-of-fold scores: most samples stay, the least real go
     assert 0.5 <= realness.keep(unseen_fake, unseen_y).mean() < 1.0
+
+
+def test_posthoc_discriminator_caps_its_rejections_on_generated_images_no_fold_learned_from():
+    """The cap is calibrated on scores of the kind candidates get (the mean over the fold models), not on one fold model's."""
+    x, y = _digits(20)
+    fake_x, fake_y = _blurred(_digits(20, 20)[0], 0), y
+    calibration_x = _blurred(_digits(20, 40)[0], 2)
+    realness = RealnessFilter(3, quantile=0.1, steps=150, folds=2, width=8, device="cpu").fit(
+        x, y, fake_x, fake_y, X_fake_val=calibration_x, y_fake_val=y)
+    expected = per_class_quantile(realness.score(calibration_x, y), y, 3, 0.1)
+    np.testing.assert_allclose(realness.fake_thresholds_, expected)
+    assert realness.keep(calibration_x, y).mean() >= 0.85  # at most about the quantile's share of each class
+    unseen_fake = _blurred(_digits(20, 80)[0], 1)
+    assert realness.keep(unseen_fake, y).mean() >= 0.7

@@ -16,7 +16,7 @@ from synthgen.sampler import SynthgenSampler
 TRAIN = {"steps": 30, "batch_size": 16, "device": "cpu", "cvae": {"base_channels": 8, "latent_dim": 4, "kl_warmup_steps": 10}}
 GENERATE = {"min_per_class": 0, "batch_size": 64, "device": "cpu"}
 EVERYTHING_PASSES = {"discriminator": False, "classifier": False, "novelty": False, "device": "cpu"}
-FILTERED = {"classifier_steps": 40, "discriminator_steps": 40, "discriminator_samples": 20, "device": "cpu"}
+FILTERED = {"classifier_steps": 40, "discriminator_steps": 40, "discriminator_samples": 20, "discriminator_calibration_samples": 40, "device": "cpu"}
 TRAINED = {**TRAIN, "steps": 150, "cvae": {**TRAIN["cvae"], "kl_warmup_steps": 50, "kl_weight": 1.0}}  # samples the filters accept
 COUNTS = [12, 5, 1]  # a long tail down to one image
 

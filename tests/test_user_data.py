@@ -19,7 +19,7 @@ from synthgen.io import read_json
 TINY = [
     "train.steps=30", "train.batch_size=16", "train.cvae.base_channels=8", "train.cvae.latent_dim=4", "train.device=cpu",
     "generate.min_per_class=5", "generate.batch_size=64", "generate.device=cpu",
-    "filter.classifier_steps=20", "filter.discriminator_steps=20", "filter.discriminator_samples=20", "filter.device=cpu",
+    "filter.classifier_steps=20", "filter.discriminator_steps=20", "filter.discriminator_samples=20", "filter.discriminator_calibration_samples=40", "filter.device=cpu",
     "evaluate.seeds=2", "evaluate.steps=20", "evaluate.batch_size=16", "evaluate.width=8", "evaluate.device=cpu",
 ]
 
