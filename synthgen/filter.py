@@ -68,13 +68,14 @@ def reference_samples(model, n_classes: int, config: FilterConfig, gen: Generate
     latent mode) from seeds no candidate uses; None when the posthoc discriminator is off."""
     if not (config.discriminator and config.discriminator_source == "posthoc"):
         return None
-    drawn = []
-    # learn from (the seeds it has always had), calibrate on
-    for count, extra in ((config.discriminator_samples, []), (config.discriminator_calibration_samples, [1])):
-        seed = int(np.random.SeedSequence([gen.seed, config.seed, 0x5EED, *extra]).generate_state(1)[0])
-        requests = np.full(n_classes, count, dtype=np.int64)
-        drawn.append(generate_candidates(model, requests, 0, gen.model_copy(update={"seed": seed}), device, latent))
-    return GeneratedReference(drawn[0]["x"], drawn[0]["y"], drawn[1]["x"], drawn[1]["y"])
+
+    def draw(per_class: int, *stream: int) -> dict[str, np.ndarray]:
+        seed = int(np.random.SeedSequence([gen.seed, config.seed, 0x5EED, *stream]).generate_state(1)[0])
+        requests = np.full(n_classes, per_class, dtype=np.int64)
+        return generate_candidates(model, requests, 0, gen.model_copy(update={"seed": seed}), device, latent)
+
+    learn, calibrate = draw(config.discriminator_samples), draw(config.discriminator_calibration_samples, 1)
+    return GeneratedReference(learn["x"], learn["y"], calibrate["x"], calibrate["y"])
 
 
 def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, device: torch.device,
