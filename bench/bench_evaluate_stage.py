@@ -1,4 +1,4 @@
-"""The evaluate stage, whole, three ways side by side: one model at a time, each arm's seeds batched, every arm batched.
+"""The evaluate stage, whole, side by side: one model at a time, each arm's seeds batched, every arm batched, the stage's defaults.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_evaluate_stage.py                 # data/ after `make run`
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_evaluate_stage.py /tmp/bench/demo/data --params params.yaml
@@ -10,13 +10,16 @@ the budget search and the recipe selection), on the same seeds:
 * ``one at a time``: every model trains alone (``evaluate.batched: false``), the reference path;
 * ``per arm``: each call's seeds as one grouped network, arms one after another (the code before
   arms were batched together);
-* ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it
+* ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it on small images
   (``evaluate.batched: true``): every baseline arm's seeds in one grouped network, every synthetic
-  arm's in one (the budget and recipe selection train one at a time in every way).
+  arm's in one (the budget and recipe selection train one at a time in every way);
+* ``default``: what the stage does with the params' ``evaluate.batched`` and ``evaluate.cpu_bf16``
+  (``auto``: every arm batched up to 16x16 pixels, one at a time above; bf16 on CPUs with native
+  bf16). The selection stays fp32 one at a time. The first three ways are fp32.
 
-Prints wall seconds, the speed-up over one at a time, and whether the three reach the same budget,
+Prints wall seconds, the speed-up over one at a time, and whether the ways reach the same budget,
 selected recipe, verdict and gain (the numbers may differ by float rounding: grouped and plain
-convolutions round differently).
+convolutions round differently, and bf16 rounds more).
 """
 
 from __future__ import annotations
@@ -39,15 +42,15 @@ from synthgen.data import load_prepared
 from synthgen.models.members import fit_members, fit_tasks
 
 
-def per_arm(tasks: list[dict], batched: bool | str = "auto") -> list:
+def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False) -> list:
     """Each task as its own grouped network, one after another (seeds batched, arms not)."""
-    return [fit_members(**task, batched=batched) for task in tasks]
+    return [fit_members(**task, batched=batched, cpu_bf16=cpu_bf16) for task in tasks]
 
 
 def main(
     work: Annotated[Path, typer.Argument(help="Directory holding prepared/, synthetic/ and pool/.")] = Path("data"),
     params: Annotated[Optional[Path], typer.Option(help="params.yaml (default: ./params.yaml when present).")] = None,
-    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm.")] = "one-at-a-time,per-arm,every-arm",
+    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm, default.")] = "one-at-a-time,per-arm,every-arm,default",
 ) -> None:
     console = Console(width=180)
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -63,12 +66,13 @@ def main(
                   f"{prepared.train.x.shape[1:]}, {len(prepared.test.y)} test, {0 if synthetic is None else len(synthetic.y)} synthetic; "
                   f"{config.seeds} seeds, recipes {list(config.recipes)}", highlight=False)
     fit_members(prepared.train.x[:64], prepared.train.y[:64], [0, 1], steps=2, n_classes=prepared.n_classes, device=config.device)  # warm-up
-    setups = {"one-at-a-time": (False, fit_tasks), "per-arm": ("auto", per_arm), "every-arm": (True, fit_tasks)}
+    setups = {"one-at-a-time": (False, fit_tasks, False), "per-arm": ("auto", per_arm, False), "every-arm": (True, fit_tasks, False),
+              "default": (config.batched, fit_tasks, config.cpu_bf16)}
     results = {}
     for way in ways.split(","):
-        batched, fit = setups[way]
+        batched, fit, cpu_bf16 = setups[way]
         started = time.perf_counter()
-        outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched}),
+        outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched, "cpu_bf16": cpu_bf16}),
                                     fit=fit)
         results[way] = (time.perf_counter() - started, outcome)
         console.print(f"{way}: {results[way][0]:.1f} s", highlight=False)

@@ -2,8 +2,9 @@
 
 Every arm trains the same small CNN (:func:`synthgen.models.members.fit_tasks`: same
 architecture, step budget, batch size and learning rate; every baseline arm's seeds in one call,
-then every synthetic arm's, as one grouped network where that pays: ``evaluate.batched``) and is
-scored on the same, untouched real test split over ``evaluate.seeds`` seeds:
+then every synthetic arm's, as one grouped network where that pays: ``evaluate.batched``; in bf16
+on CPUs that have it: ``evaluate.cpu_bf16``) and is scored on the same, untouched real test split
+over ``evaluate.seeds`` seeds:
 
 * baselines: the non-generative recipes of :mod:`synthgen.recipes` (real, classical
   augmentation, oversampling, logit-adjusted loss, mixup), every one or ``real`` and the selected one;
@@ -193,12 +194,13 @@ def run_arms(
     teacher = None
     if config.soft_label_mix > 0 and any(present.values()):  # the selected recipe on real images, one seed
         params = classifier_params(best, config, real_train.n_classes, steps)
-        teacher = fit([dict(X=real_train.x, y=real_train.y, seeds=[config.seed], **params)], config.batched)[0]
+        teacher = fit([dict(X=real_train.x, y=real_train.y, seeds=[config.seed], **params)], config.batched, cpu_bf16=config.cpu_bf16)[0]
     tail, seeds = tail_classes(real_train.counts()), [config.seed + i for i in range(config.seeds)]
     rows, recall_rows = [], []
 
     def run(arms: list[Arm], bar, task) -> None:
-        """Every arm's seeds in one fit_tasks call: one grouped network where that pays (``config.batched``)."""
+        """Every arm's seeds in one fit_tasks call: one grouped network where that pays (``config.batched``),
+        in bf16 on CPUs that have it (``config.cpu_bf16``)."""
         tasks, sizes = [], []
         for arm in arms:
             extra = extras[arm.extra] if arm.extra else None
@@ -207,7 +209,7 @@ def run_arms(
             tasks.append(dict(X=x, y=y, seeds=seeds, sample_weight=weight, soft_targets=soft_targets(y, is_real, proba, config.soft_label_mix),
                               **classifier_params(arm.recipe, config, real_train.n_classes, steps)))
             sizes.append(len(y))
-        for arm, n_train, members in zip(arms, sizes, fit(tasks, config.batched)):
+        for arm, n_train, members in zip(arms, sizes, fit(tasks, config.batched, cpu_bf16=config.cpu_bf16)):
             for seed, predicted in zip(seeds, members.predict(test.x)):
                 result = score(test.y, predicted, real_train.n_classes, tail)
                 recall = result.pop("recall")

@@ -209,3 +209,14 @@ def test_cnn_classifier_fits_predicts_and_keeps_the_estimator_rules(images):
         CNNClassifier(loss="focal", **TINY).fit(X, y)
     with pytest.raises(ValueError, match="sample_weight must have shape"):
         CNNClassifier(**TINY).fit(X, y, sample_weight=np.ones(3))
+
+
+def test_cpu_bf16_trains_in_bf16_and_lands_near_fp32(images, batched):
+    """``cpu_bf16=True``: the forward passes run in bf16 (so the weights differ from fp32 training beyond
+    rounding), yet the members learn the same function closely: bf16 is a speed option, not another model."""
+    X, y = images
+    half = fit_members(X, y, seeds=[0, 1, 2], cpu_bf16=True, sample_weight=WEIGHTS, **RECIPE)
+    proba, reference = half.predict_proba(X), batched.predict_proba(X)
+    assert np.abs(proba - reference).max() > ROUNDING  # it did change precision
+    np.testing.assert_allclose(proba, reference, atol=0.05, rtol=0)
+    assert (half.predict(X) == batched.predict(X)).mean() >= 0.9

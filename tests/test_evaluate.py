@@ -27,9 +27,9 @@ class SpyFit:
     def __init__(self):
         self.fits, self.predicts = [], []
 
-    def __call__(self, tasks, batched="auto"):
+    def __call__(self, tasks, batched="auto", cpu_bf16=False):
         self.fits.extend({**task, "seeds": list(task["seeds"])} for task in tasks)
-        return [self.recorded(members) for members in fit_tasks(tasks, batched)]
+        return [self.recorded(members) for members in fit_tasks(tasks, batched, cpu_bf16)]
 
     def recorded(self, members):
         spy = self
@@ -141,22 +141,22 @@ def test_recipe_selection_picks_the_best_out_of_fold_recipe():
     assert set(scores) == set(FAST.recipes)
 
 
-def test_selection_trains_one_model_at_a_time_even_when_the_arms_are_batched(prepared):
+def test_selection_trains_one_model_at_a_time_in_fp32_even_when_the_arms_are_batched_in_bf16(prepared):
     """Grouped and plain convolutions round differently; the selection's single-seed models must not
     let that change the chosen recipe, so they never train grouped. The arms do, when asked."""
     modes = []
 
-    def spy(tasks, batched="auto"):
-        modes.append((len(tasks), batched))
-        return fit_tasks(tasks, batched)
+    def spy(tasks, batched="auto", cpu_bf16=False):
+        modes.append((len(tasks), batched, cpu_bf16))
+        return fit_tasks(tasks, batched, cpu_bf16)
 
-    config = FAST.model_copy(update={"batched": True, "recipes": ["real", "real+classic"]})
+    config = FAST.model_copy(update={"batched": True, "cpu_bf16": True, "recipes": ["real", "real+classic"]})
     best, scores = recipes.select_recipe(prepared.train, config, 4, fit=spy)
-    assert modes == [(2 * config.selection_folds, False)] and set(scores) == {"real", "real+classic"}
+    assert modes == [(2 * config.selection_folds, False, False)] and set(scores) == {"real", "real+classic"}
     modes.clear()
     evaluate.run_arms(prepared.train, prepared.test, None, None, config, fit=spy)
-    # the selection one at a time, then every baseline arm in one batched call (no synthetic arms here)
-    assert modes[:2] == [(2 * config.selection_folds, False), (len(config.recipes), True)]
+    # the selection one at a time in fp32, then every baseline arm in one batched call, in bf16 as asked
+    assert modes[:2] == [(2 * config.selection_folds, False, False), (len(config.recipes), True, True)]
 
 
 def test_soft_targets_blend_only_synthetic_rows():
