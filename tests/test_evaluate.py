@@ -154,9 +154,11 @@ def test_selection_trains_one_model_at_a_time_in_fp32_even_when_the_arms_are_bat
     best, scores = recipes.select_recipe(prepared.train, config, 4, fit=spy)
     assert modes == [(2 * config.selection_folds, False, False)] and set(scores) == {"real", "real+classic"}
     modes.clear()
-    evaluate.run_arms(prepared.train, prepared.test, None, None, config, fit=spy)
+    results = evaluate.run_arms(prepared.train, prepared.test, None, None, config, fit=spy)
     # the selection one at a time in fp32, then every baseline arm in one batched call, in bf16 as asked
     assert modes[:2] == [(2 * config.selection_folds, False, False), (len(config.recipes), True, True)]
+    assert results["precision"] == "bf16"  # what details.json reports
+    assert evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"cpu_bf16": False}))["precision"] == "fp32"
 
 
 def test_soft_targets_blend_only_synthetic_rows():

@@ -185,9 +185,10 @@ def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | 
     steps (5 x 300 steps on digits: 99.4 % of test predictions agree, same accuracy).
 
     ``cpu_bf16`` (true, false or ``"auto"``: only on CPUs with native bf16) trains under bf16 autocast on
-    the CPU. Measured on 2 cores with AVX512-BF16: the whole evaluate stage 1.12x faster on 8x8 digits and
-    1.17x on 28x28 MNIST, with the same verdicts (bench/bench_evaluate_stage.py, docs/RESULTS.md). It
-    rounds more than fp32, so the budget and recipe selection keep fp32.
+    the CPU. Measured on 2 cores with AVX512-BF16, same verdicts: the evaluate stage's arms 1.26x faster on
+    8x8 digits (the whole stage 0.96-1.12x: its fp32 selection is half of it, and the machine is noisy),
+    the whole stage 1.17x on 28x28 MNIST (bench/bench_evaluate_stage.py, docs/RESULTS.md). It rounds
+    more than fp32, so the budget and recipe selection keep fp32.
     """
     per_task = [task_members(**task) for task in tasks]
     members = [member for group in per_task for member in group]
