@@ -70,6 +70,11 @@ def cpu_bf16_enabled(device: torch.device, setting: bool | str) -> bool:
     return cpu_has_native_bf16() if setting == "auto" else bool(setting)
 
 
+def training_precision(device: torch.device, cpu_bf16: bool | str) -> str:
+    """"bf16" or "fp32": what a training loop on ``device`` runs in (CUDA always autocasts to bf16), for summaries."""
+    return "bf16" if torch.device(device).type == "cuda" or cpu_bf16_enabled(device, cpu_bf16) else "fp32"
+
+
 def cpu_autocast(device: torch.device, setting: bool | str):
     """bf16 autocast on the CPU when :func:`cpu_bf16_enabled` (weights and optimiser state stay fp32); a no-op elsewhere.
 

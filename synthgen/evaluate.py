@@ -36,7 +36,7 @@ from rich.progress import Progress
 from synthgen.artifacts import FILTER_SUMMARY, POOL_SUMMARY, load_accepted, load_pool
 from synthgen.config import Config, EvaluateConfig, config_to_dict
 from synthgen.data import DataError, LabeledImages, PreparedData, load_prepared, random_per_class
-from synthgen.device import cpu_bf16_enabled, resolve_device
+from synthgen.device import resolve_device, training_precision
 from synthgen.io import atomic_dir, read_json, write_json
 from synthgen.metrics import score, t_interval
 from synthgen.models.classifier import fit_tasks
@@ -238,8 +238,7 @@ def run_arms(
     }
     selection = {"steps": steps, "budget_curve": curve, "recipe_scores": recipe_scores, "best_recipe": best.name,
                  "folds": config.selection_folds}
-    device = resolve_device(config.device)
-    precision = "bf16" if device.type == "cuda" or cpu_bf16_enabled(device, config.cpu_bf16) else "fp32"  # the arms'; selection: fp32
+    precision = training_precision(resolve_device(config.device), config.cpu_bf16)  # the arms'; the selection: fp32
     return {"per_seed": per_seed, "per_class": per_class, "summary": summary, "gains": gains,
             "decision": decide(summary, gains, baseline, treatments), "selection": selection, "counts": counts,
             "filter_ablation": filter_ablation(per_seed, best.name, config.confidence), "precision": precision}

@@ -42,7 +42,7 @@ from synthgen import models
 from synthgen.config import Config, TrainConfig, config_to_dict
 from synthgen.data import load_prepared
 from synthgen.tensors import to_tensor
-from synthgen.device import cpu_autocast, cpu_bf16_enabled, resolve_device
+from synthgen.device import cpu_autocast, resolve_device, training_precision
 from synthgen.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from synthgen.models import cgan, cvae, vaegan
 from synthgen.models.diffaugment import parse_policy
@@ -235,7 +235,7 @@ def training_summary(config: TrainConfig, state: TrainState, start_step: int, wa
         "final_losses": pending_row(state) or (state.history[-1] if state.history else {}),
         "final_val_loss": state.evals[-1]["val_loss"] if state.evals else None,
         "device": str(device),
-        "precision": "bf16" if device.type == "cuda" or cpu_bf16_enabled(device, config.cpu_bf16) else "fp32",
+        "precision": training_precision(device, config.cpu_bf16),
     }
 
 
