@@ -38,7 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from synthgen import data, filter as flt, generate, prepare
 from synthgen.tensors import to_uint8
 from synthgen.config import FilterConfig, GenerateConfig, load_config
-from synthgen.filter_outputs import save_png
+from synthgen.io import save_npz
+from synthgen.png_tree import resolve_workers, write_tree
 from synthgen.models import build_generator, load_generator, save_generator
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
@@ -213,14 +214,20 @@ def run_all(work: Path, prepared_dir: Path | None, model_path: Path | None, devi
         _, seconds = median_timed(filters[name].score, x, labels)
         rows.append((f"filter {name}", seconds))
 
-    def write_pngs() -> None:
-        png_dir = Path(tempfile.mkdtemp(prefix="png.", dir=work))
-        for i, image in enumerate(x):
-            save_png(image, png_dir / f"{i}.png")
+    shard_dir = Path(tempfile.mkdtemp(prefix="accepted-shards.", dir=work))  # what filter writes before the tree
+    shards = []
+    for start in range(0, len(x), 4096):
+        shards.append(save_npz(shard_dir / f"shard-{len(shards):05d}.npz", x=x[start : start + 4096], y=labels[start : start + 4096],
+                               sample_id=np.arange(start, start + len(x[start : start + 4096]))))
 
-    _, seconds = median_timed(write_pngs)
-    rows.append(("PNG write", seconds))
-    total = sum(s for _, s in rows)
+    def write_pngs(workers) -> None:
+        write_tree(shards, Path(tempfile.mkdtemp(prefix="png.", dir=work)), [str(c) for c in range(prepared.n_classes)], workers)
+
+    _, seconds = median_timed(write_pngs, 1)
+    rows.append(("PNG tree, 1 process (before)", seconds))
+    _, seconds = median_timed(write_pngs, "auto")
+    rows.append((f"PNG tree, filter.write_workers auto ({resolve_workers('auto', len(x), len(shards))} processes)", seconds))
+    total = sum(s for name, s in rows if "(before)" not in name)
     rows.append(("end to end (sum)", total))
     table = pd.DataFrame({"step": [r[0] for r in rows], "samples/s": [len(labels) / s for _, s in rows]})
     textbook_dir = work / "textbook"

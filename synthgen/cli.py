@@ -56,6 +56,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, FileNotFoundError)
 
 
+def _workers(value: str) -> int | str:
+    """``--workers``: a positive number or ``auto``; anything else exits 2 naming the option."""
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value if value == "auto" else int(value)
+    _fail(ValueError(f"--workers must be a positive number or auto, got {value!r}"))
+
+
 def _run(fn, *args, **kwargs):
     """Call a stage's main, turning user errors into a clean non-zero exit."""
     try:
@@ -146,6 +153,7 @@ def filter_(
 def export(
     synthetic: Annotated[Path, typer.Option(help="Synthetic root written by `filter`.")] = SYNTHETIC,
     out: Annotated[Path, typer.Option(help="Directory for the ImageFolder tree.")] = Path("synthetic-imagefolder"),
+    workers: Annotated[str, typer.Option(help="Processes writing PNGs: a number, or auto (every core from 10,000 images on).")] = "auto",
 ) -> None:
     """Write the accepted set as an ImageFolder tree OUT/<class>/<sample_id>.png from its npz shards.
 
@@ -154,7 +162,7 @@ def export(
     """
     from synthgen.filter_outputs import export_image_folder
 
-    written = _run(export_image_folder, synthetic, out)
+    written = _run(export_image_folder, synthetic, out, _workers(workers))
     typer.echo(f"exported {written} images to {out}/<class>/")
 
 

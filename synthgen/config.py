@@ -192,6 +192,10 @@ class FilterConfig(Section):
         True, description="Also write accepted/<class>/*.png. At 100k+ samples set false: DVC then hashes a few "
         "npz shards instead of one file per sample; `synthgen export` writes the ImageFolder tree on demand.",
     )
+    write_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Processes writing the ImageFolder tree, each every N-th shard; auto: every core "
+        "from 10,000 accepted images on, else 1 (starting them costs more than they save below that).",
+    )
     seed: int = Field(0)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
 

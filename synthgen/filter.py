@@ -312,7 +312,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
         summary["calibration"] = calibration_note(prepared, filters)
-        filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder)
+        filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder,
+                                     config.filter.write_workers)
         shutil.rmtree(work_dir / "topup", ignore_errors=True)  # top-up candidates live on in manifest.csv, not as files
     print(f"filter: {summary['accepted']}/{summary['quota']} accepted from {summary['generated']} candidates; shortfalls: {summary['shortfalls'] or 'none'}")
     return summary

@@ -24,20 +24,11 @@ from torchvision.utils import make_grid, save_image
 from synthgen.artifacts import FILTER_SUMMARY, load_accepted, read_shard, shard_paths
 from synthgen.filters import FILTERS, SCORE_COLUMNS
 from synthgen.tensors import to_tensor
-from synthgen.io import atomic_dir, atomic_write_text, encode_png, read_json, save_npz, write_json
+from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
+from synthgen.png_tree import write_tree
 
 MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", "d_score", "classifier_prob", "nn_distance", "accepted", "rejected_by"]
 GRID_PER_CLASS = 8
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    """uint8 (H, W, C) -> PNG: grey for one channel, RGB for three (fast zlib level).
-
-    Written in place, not renamed: every PNG lands inside a temp directory that is
-    swapped in whole, so a killed run never exposes a partial file.
-    """
-    with open(path, "wb") as file:
-        file.write(encode_png(image))
 
 
 def manifest_table(table: pd.DataFrame, class_names) -> pd.DataFrame:
@@ -51,25 +42,19 @@ IMAGE_FOLDER_OFF_NOTE = (
 )
 
 
-def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, image_folder: bool = True) -> dict:
-    """Pass over the candidate shards writing PNGs (if ``image_folder``) + accepted shards; returns grid examples per class."""
+def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, image_folder: bool = True,
+                    workers: int | str = "auto") -> dict:
+    """Pass over the candidate shards writing the accepted shards, then their PNG tree (if ``image_folder``:
+    :func:`synthgen.png_tree.write_tree`, ``workers`` processes); returns grid examples per class."""
     accepted_ids = table.loc[table["accepted"], "sample_id"].to_numpy()
     rejected_ids = table.loc[~table["accepted"], "sample_id"].to_numpy()
     image_dir, shard_dir = work_dir / "accepted", work_dir / "accepted-shards"
-    for name in class_names if image_folder else []:
-        (image_dir / name).mkdir(parents=True, exist_ok=True)
-    if not image_folder:  # the DVC out still exists, and says where the samples are
-        image_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(image_dir / "README.txt", IMAGE_FOLDER_OFF_NOTE)
     shard_dir.mkdir(parents=True, exist_ok=True)
     examples: dict = {(c, kind): [] for c in range(len(class_names)) for kind in ("accepted", "rejected")}
     written = 0
     for path in shards:
         shard = read_shard(path)
         mask = np.isin(shard["sample_id"], accepted_ids)
-        if image_folder:
-            for image, label, sample_id in zip(shard["x"][mask], shard["y"][mask], shard["sample_id"][mask]):
-                save_png(image, image_dir / class_names[label] / f"{sample_id:09d}.png")
         if mask.any():
             save_npz(shard_dir / f"shard-{written:05d}.npz", x=shard["x"][mask], y=shard["y"][mask], sample_id=shard["sample_id"][mask])
             written += 1
@@ -77,6 +62,11 @@ def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], cla
             for image, label in zip(shard["x"][kind_mask], shard["y"][kind_mask]):
                 if len(examples[label, kind]) < GRID_PER_CLASS:
                     examples[label, kind].append(image)
+    if image_folder:
+        write_tree(shard_paths(shard_dir), image_dir, class_names, workers)
+    else:  # the DVC out still exists, and says where the samples are
+        image_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(image_dir / "README.txt", IMAGE_FOLDER_OFF_NOTE)
     return examples
 
 
@@ -112,12 +102,12 @@ def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Pat
 
 
 def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class_names, filters: dict, summary: dict,
-                  image_folder: bool = True) -> None:
+                  image_folder: bool = True, workers: int | str = "auto") -> None:
     """Write every output into ``work_dir`` (the temp dir that becomes the root); nothing outside it is touched."""
     class_names = list(class_names)
     first = read_shard(shards[0])["x"] if shards else None
     image_shape = list(first.shape[1:]) if first is not None else summary.get("image_shape", [1, 1, 1])
-    examples = _write_accepted(work_dir, table, shards, class_names, image_folder)
+    examples = _write_accepted(work_dir, table, shards, class_names, image_folder, workers)
     atomic_write_text(work_dir / "manifest.csv", manifest_table(table, class_names).to_csv(index=False))
     figures = work_dir / "figures"
     figures.mkdir()
@@ -126,8 +116,9 @@ def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class
     write_json(work_dir / FILTER_SUMMARY, {"class_names": class_names, "image_shape": image_shape, **summary})
 
 
-def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:
-    """Write the committed accepted set as ``out_dir/<class_name>/<sample_id>.png``, shard by shard.
+def export_image_folder(synthetic_root: str | Path, out_dir: str | Path, workers: int | str = "auto") -> int:
+    """Write the committed accepted set as ``out_dir/<class_name>/<sample_id>.png`` from its shards, by
+    ``workers`` processes (:func:`synthgen.png_tree.write_tree`).
 
     Built in a temp sibling and swapped in at the end (:func:`synthgen.io.atomic_dir`), so an
     interrupted export leaves no half-written tree. Returns the number of images written.
@@ -135,13 +126,5 @@ def export_image_folder(synthetic_root: str | Path, out_dir: str | Path) -> int:
     root = Path(synthetic_root)
     load_accepted(root)  # refuses a root without a committed summary, or whose shards disagree with it
     class_names = read_json(root / FILTER_SUMMARY)["class_names"]
-    written = 0
     with atomic_dir(out_dir) as tmp:
-        for name in class_names:
-            (tmp / name).mkdir()
-        for path in shard_paths(root / "accepted-shards"):
-            shard = read_shard(path)
-            for image, label, sample_id in zip(shard["x"], shard["y"], shard["sample_id"]):
-                save_png(image, tmp / class_names[label] / f"{sample_id:09d}.png")
-                written += 1
-    return written
+        return write_tree(shard_paths(root / "accepted-shards"), tmp, class_names, workers)

@@ -49,6 +49,9 @@ def test_wrong_type_rejected_naming_the_key(tmp_path):
         load_config(params)
     with pytest.raises(ConfigError, match=r"data\.val_per_class"):
         load_config(None, ["data.val_per_class=-1"])
+    with pytest.raises(ConfigError, match=r"filter\.write_workers"):
+        load_config(None, ["filter.write_workers=0"])
+    assert load_config(None, ["filter.write_workers=4"]).filter.write_workers == 4
 
 
 def test_overrides_are_typed():

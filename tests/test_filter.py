@@ -11,7 +11,8 @@ from torchvision.datasets import ImageFolder
 from synthgen import filters
 from synthgen import artifacts
 from synthgen import filter as flt
-from synthgen import filter_outputs, generate
+from synthgen import generate, png_tree
+from synthgen.io import save_npz
 from synthgen.config import load_config
 from synthgen.data import DataError, load_prepared
 from synthgen.models import build_generator, classifier, save_generator
@@ -98,6 +99,37 @@ def test_without_image_folder_dvc_tracks_shards_only_and_export_writes_the_tree(
     assert np.bincount(folder.targets, minlength=10).tolist() == accepted.counts().tolist()
     missing = CliRunner().invoke(app, ["export", "--synthetic", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t2")])
     assert missing.exit_code == 2 and "filter_summary.json" in missing.output and not (tmp_path / "t2").exists()
+    bad = CliRunner().invoke(app, ["export", "--synthetic", str(out), "--out", str(tmp_path / "t3"), "--workers", "0"])
+    assert bad.exit_code == 2 and "--workers" in bad.output and not (tmp_path / "t3").exists()
+
+
+def test_png_tree_from_worker_processes_is_the_tree_one_process_writes(tmp_path):
+    rng = np.random.default_rng(0)
+    shards = []
+    for index in range(3):  # 3 shards of 5 RGB images, labels 0..2 (class "c" gets none in the first shard)
+        path = tmp_path / f"shard-{index:05d}.npz"
+        save_npz(path, x=rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8), y=rng.integers(0, 2 + (index > 0), 5),
+                 sample_id=np.arange(5 * index, 5 * index + 5))
+        shards.append(path)
+    names = ["a", "b c", "c"]
+    assert png_tree.write_tree(shards, tmp_path / "one", names, workers=1) == 15
+    assert png_tree.write_tree(shards, tmp_path / "pool", names, workers=2) == 15  # 2 writer processes
+    one = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in (tmp_path / "one").rglob("*.png")}
+    pool = {p.relative_to(tmp_path / "pool"): p.read_bytes() for p in (tmp_path / "pool").rglob("*.png")}
+    assert len(one) == 15 and one == pool
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == names  # every class directory, even an empty one
+    save_npz(shards[1], x=np.zeros((2, 6, 7, 3), np.uint8), y=np.array([0, 7]), sample_id=np.arange(2))  # label 7 of 3 classes:
+    with pytest.raises(RuntimeError, match=r"(?s)shard-00001\.npz.*failed.*IndexError"):  # its writer fails, and says where
+        png_tree.write_tree(shards, tmp_path / "broken", names, workers=2)
+
+
+def test_png_tree_workers_auto_uses_a_pool_only_for_large_trees():
+    cores = png_tree.available_cores()
+    assert png_tree.resolve_workers("auto", png_tree.AUTO_MIN_IMAGES - 1, 50) == 1
+    assert png_tree.resolve_workers("auto", png_tree.AUTO_MIN_IMAGES, 50) == min(cores, 50)
+    assert png_tree.resolve_workers(8, 10**6, 3) == 3  # never more processes than shards
+    with pytest.raises(ValueError, match="workers"):
+        png_tree.resolve_workers(0, 10, 3)
 
 def test_select_keeps_first_quota_and_explains_every_rejection():
     table = pd.DataFrame({
@@ -225,7 +257,7 @@ def test_every_generator_gets_a_discriminator_filter_by_default(tiny_prepared, m
 def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):
     out = tmp_path / "synthetic"
     loose = {"filter.discriminator": "false", "filter.classifier": "false", "filter.novelty_threshold": 0.0}
-    real_save, calls = filter_outputs.save_png, []
+    real_save, calls = png_tree.save_png, []
 
     def failing_save(image, path):
         calls.append(path)
@@ -233,17 +265,17 @@ def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, model
             raise KeyboardInterrupt("killed while writing PNGs")
         real_save(image, path)
 
-    monkeypatch.setattr(filter_outputs, "save_png", failing_save)
+    monkeypatch.setattr(png_tree, "save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
         run_filter(tiny_prepared, models_root, pool_dir, out, **loose)
     with pytest.raises(DataError, match="has not completed"):
         artifacts.load_accepted(out)  # nothing committed: the accepted set is absent, not half there
     assert not (out / "accepted").exists() and not (out / "manifest.csv").exists()
-    monkeypatch.setattr(filter_outputs, "save_png", real_save)
+    monkeypatch.setattr(png_tree, "save_png", real_save)
     run_filter(tiny_prepared, models_root, pool_dir, out, **loose)
     before, manifest_before = artifacts.load_accepted(out), (out / "manifest.csv").read_text()
     calls.clear()
-    monkeypatch.setattr(filter_outputs, "save_png", failing_save)
+    monkeypatch.setattr(png_tree, "save_png", failing_save)
     with pytest.raises(KeyboardInterrupt):
         run_filter(tiny_prepared, models_root, pool_dir, out, **{**loose, "generate.min_per_class": 3})
     after = artifacts.load_accepted(out)
@@ -254,9 +286,12 @@ def test_interrupted_filter_keeps_the_previous_accepted_set(tiny_prepared, model
 
 
 def test_filter_is_reproducible(tiny_prepared, models_root, pool_dir, tmp_path):
-    for name in ("a", "b"):
-        run_filter(tiny_prepared, models_root, pool_dir, tmp_path / name, **{"generate.max_rounds": 1})
+    for name, workers in (("a", "auto"), ("b", 2)):  # b's PNG tree is written by 2 processes; quotas past the pool: top-up shards
+        run_filter(tiny_prepared, models_root, pool_dir, tmp_path / name, **{"generate.min_per_class": 12, "filter.write_workers": workers})
     assert (tmp_path / "a" / "manifest.csv").read_text() == (tmp_path / "b" / "manifest.csv").read_text()
+    trees = [{p.relative_to(tmp_path / name): p.read_bytes() for p in (tmp_path / name / "accepted").rglob("*.png")} for name in "ab"]
+    assert trees[0] and trees[0] == trees[1]
+    assert len(list((tmp_path / "b" / "accepted-shards").glob("*.npz"))) >= 2  # so both processes wrote some
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (5, 9, 1), (32, 32, 3), (7, 3, 4)])
@@ -265,7 +300,7 @@ def test_png_encoder_round_trips_through_pillow(tmp_path, shape):
 
     image = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
     path = tmp_path / "x.png"
-    filter_outputs.save_png(image, path)
+    png_tree.save_png(image, path)
     with Image.open(path) as png:
         assert png.mode == {1: "L", 3: "RGB", 4: "RGBA"}[shape[2]] and png.size == (shape[1], shape[0])
         decoded = np.asarray(png)
