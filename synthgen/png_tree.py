@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,7 @@ def _run_writers(parts: list[list[ShardJob]]) -> list[int]:
             writer = subprocess.Popen([sys.executable, "-m", "synthgen.png_tree"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=log, env=env, text=True)
             writers.append(writer)
-            writer.stdin.write(json.dumps([job.__dict__ for job in part]))
+            writer.stdin.write(json.dumps([asdict(job) for job in part]))
             writer.stdin.close()
         counts = [writer.stdout.read() for writer in writers]
         for writer, part, log in zip(writers, parts, logs):
