@@ -150,6 +150,7 @@ def main(
     stage_novelty: Annotated[float, typer.Option(help="The run's filter.novelty_threshold (to recover each class's scale).")] = 0.1,
     judge_min: Annotated[int, typer.Option(help="A variant filters only classes with at least this many real images.")] = 5,
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
+    first_order: Annotated[int, typer.Option(help="Skip the orders before this one (they are drawn all the same, so a run can be resumed).")] = 0,
 ) -> None:
     if not (work / "synthetic" / "filter_summary.json").is_file():
         print(f"{work} holds no finished run: run bench/bench_gain.py first (its --work), or pass a directory")
@@ -167,13 +168,13 @@ def main(
     config, tail = EvaluateConfig(device="cpu"), tail_classes(prepared.train.counts())
     params = classifier_params(recipe_named(recipe), config, prepared.n_classes, steps)
     rng = np.random.default_rng(0)
-    order_list = [np.arange(len(pool.y))] + [rng.permutation(len(pool.y)) for _ in range(orders - 1)]
+    order_list = ([np.arange(len(pool.y))] + [rng.permutation(len(pool.y)) for _ in range(orders - 1)])[first_order:]
     accuracy = {name: [] for name in masks}  # name -> per order, the mean over seeds
     tail_recall = {name: [] for name in masks}
     for order in order_list:
         for name, mask in masks.items():
             if name in (PLACEBO, STAGE_PLACEBO):
-                mask = random_rejection(pool.y, ~mask, seed=len(accuracy[name]))
+                mask = random_rejection(pool.y, ~mask, seed=first_order + len(accuracy[name]))
             chosen = (spread_out(pool.x, pool.y, mask, quotas, order) if name.startswith("spread-out")
                       else first_passing(pool.y, mask, quotas, order))
             x, y = np.concatenate([prepared.train.x, pool.x[chosen]]), np.concatenate([prepared.train.y, pool.y[chosen]])
@@ -181,7 +182,7 @@ def main(
             scores = [score(prepared.test.y, predicted, prepared.n_classes, tail) for predicted in members.predict(prepared.test.x)]
             accuracy[name].append(float(np.mean([s["balanced_accuracy"] for s in scores])))
             tail_recall[name].append(float(np.mean([s["tail_recall"] for s in scores])))
-            print(f"order {len(accuracy[name]) - 1}: {name}: {100 * accuracy[name][-1]:.2f}", flush=True)
+            print(f"order {first_order + len(accuracy[name]) - 1}: {name}: {100 * accuracy[name][-1]:.2f}", flush=True)
     table = Table(title=f"filter ablation, {recipe}, {steps} steps, {seeds} seeds x {orders} orders ({work})")
     for column in ("candidates", "kept of pool", "balanced accuracy %", "minus no filter [95% CI over orders]", "tail-5 recall %"):
         table.add_column(column, justify="right")

@@ -154,7 +154,7 @@ class FilterConfig(Section):
         "own discriminator (cgan, vaegan), calibrated on the val split or on the training images it saw."
     )
     discriminator_quantile: float = Field(
-        0.01, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class (out-of-fold); the posthoc "
+        0.02, ge=0, le=1, description="Keep if D >= this quantile of D on real images of the class (out-of-fold); the posthoc "
         "cut rejects at most about this share of a class's candidates (calibrated on generated images it did not learn "
         "from; a guard against broken samples: rejecting more costs downstream accuracy, docs/RESULTS.md)."
     )

@@ -139,7 +139,7 @@ class RealnessFilter(_Filter):
     ``separation_`` is the out-of-fold ROC AUC of real against generated (0.5: indistinguishable).
     """
 
-    def __init__(self, n_classes: int | None = None, quantile: float = 0.01, steps: int = 300, folds: int = 3, width: int = 16,
+    def __init__(self, n_classes: int | None = None, quantile: float = 0.02, steps: int = 300, folds: int = 3, width: int = 16,
                  device: str = "auto", random_state: int | None = 0):
         self.n_classes = n_classes
         self.quantile = quantile
