@@ -18,7 +18,8 @@ Variants: the stage's filters with its thresholds, each alone; the discriminator
 rejection rates (``--quantiles``: the q-quantile of the class's candidate scores, which is what the
 stage's cap on the generated quantile rejects), alone and with the confidence and novelty filters;
 the same filters on classes with at least ``--judge-min`` real images only (on a smaller class
-they can only say how far a sample is from those few images); the same share cut from the top instead (the most real-looking, most typical samples); and the
+they can only say how far a sample is from those few images), and the stage's own thresholds with the discriminator
+on those classes only; the same share cut from the top instead (the most real-looking, most typical samples); and the
 confidence filter at fixed cuts (``--probabilities``: only samples the real-data classifier gives
 less than p for their class); instead of the first candidates, a spread-out subset (greedy k-center
 in pixel space, per class); a placebo that rejects as many candidates per class as the first
@@ -124,6 +125,10 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         top = per_class_quantile(d_scores, pool_y, len(names), 1 - q)
         masks[f"discriminator rejects its most real {q:.0%}"] = d_scores <= top[pool_y]
         masks[f"spread-out (k-center in pixels) after the discriminator rejects {q:.0%}"] = d_scores >= cut[pool_y]
+    if train_counts is not None:  # the stage's thresholds, but the discriminator only where a class has judge_min real images
+        small = train_counts[pool_y] < judge_min
+        masks[f"the stage's filters with the discriminator only on classes of >= {judge_min} real images"] = (
+            (passes["discriminator"] | small) & passes["classifier"] & passes["novelty"])
     if quantiles:  # the placebo rejects as many as the first cut with the other two filters (redrawn per order)
         masks[PLACEBO] = masks[f"discriminator rejects {quantiles[0]:.0%} + confidence + novelty"]
     masks[STAGE_PLACEBO] = masks["all filters (the stage's accepted set)"]
