@@ -19,7 +19,7 @@ rejection rates (``--quantiles``: the q-quantile of the class's candidate scores
 stage's cap on the generated quantile rejects), alone and with the confidence and novelty filters;
 the same filters on classes with at least ``--judge-min`` real images only (on a smaller class
 they can only say how far a sample is from those few images), and the stage's own thresholds with the discriminator
-on those classes only; the same share cut from the top instead (the most real-looking, most typical samples); and the
+on those classes only, or with every filter on those classes only; the same share cut from the top instead (the most real-looking, most typical samples); and the
 confidence filter at fixed cuts (``--probabilities``: only samples the real-data classifier gives
 less than p for their class); instead of the first candidates, a spread-out subset (greedy k-center
 in pixel space, per class); a placebo that rejects as many candidates per class as the first
@@ -101,9 +101,9 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         thresholds = [summary["per_class"][c][f"{name}_threshold"] for c in names]
         on = "n/a" not in thresholds
         passes[name] = manifest[SCORE_COLUMNS[name]].to_numpy() >= np.array(thresholds, float)[pool_y] if on else np.ones(len(pool_y), bool)
-    unjudged_by_stage = np.array([not summary["per_class"][c].get("judged", True) for c in names])[pool_y]
-    for name in FILTERS:  # the stage passes every sample of a class it does not judge (filter.min_class_images)
-        passes[name] |= unjudged_by_stage
+    for name in FILTERS:  # the stage passes every sample of a class a filter does not judge (filter.min_class_images)
+        entries = [summary["per_class"][c] for c in names]
+        passes[name] |= np.array([entry.get(f"{name}_judged", entry.get("judged", True)) is False for entry in entries])[pool_y]
     masks = {
         "no filter": np.ones(len(pool_y), bool),
         "all filters (the stage's accepted set)": passes["discriminator"] & passes["classifier"] & passes["novelty"],
@@ -129,6 +129,8 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         small = train_counts[pool_y] < judge_min
         masks[f"the stage's filters with the discriminator only on classes of >= {judge_min} real images"] = (
             (passes["discriminator"] | small) & passes["classifier"] & passes["novelty"])
+        masks[f"the stage's filters only on classes of >= {judge_min} real images"] = (
+            (passes["discriminator"] & passes["classifier"] & passes["novelty"]) | small)
     if quantiles:  # the placebo rejects as many as the first cut with the other two filters (redrawn per order)
         masks[PLACEBO] = masks[f"discriminator rejects {quantiles[0]:.0%} + confidence + novelty"]
     masks[STAGE_PLACEBO] = masks["all filters (the stage's accepted set)"]

@@ -108,7 +108,10 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     if config.novelty:
         filters["novelty"] = NoveltyFilter(config.novelty_threshold).fit(x, y, held_x, held_y)
     counts = np.bincount(np.asarray(y), minlength=n_classes)
-    return {name: None if fitted is None else judge_only(fitted, counts, config.min_class_images) for name, fitted in filters.items()}
+    minimum = {name: config.min_class_images for name in FILTERS}
+    if config.discriminator_min_class_images is not None:
+        minimum["discriminator"] = config.discriminator_min_class_images
+    return {name: None if fitted is None else judge_only(fitted, counts, minimum[name]) for name, fitted in filters.items()}
 
 
 def calibration_note(prepared: PreparedData, filters: dict) -> str:
@@ -260,10 +263,10 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame({k: pd.Series(dtype=v) for k, v in columns.items()})
 
 
-def judged(filters: dict, label: int) -> bool:
-    """Whether the filters judge class ``label`` (:func:`~synthgen.filters.judge_only`: enough real images of it)."""
-    masks = [fitted.judged_ for fitted in filters.values() if getattr(fitted, "judged_", None) is not None]
-    return bool(masks[0][label]) if masks else True
+def judged(fitted, label: int) -> bool:
+    """Whether filter ``fitted`` judges class ``label`` (:func:`~synthgen.filters.judge_only`: enough real images of it)."""
+    mask = getattr(fitted, "judged_", None)
+    return True if mask is None else bool(mask[label])
 
 
 def summarize(table: pd.DataFrame, quotas: np.ndarray, filters: dict, class_names, history: list) -> dict:
@@ -272,10 +275,12 @@ def summarize(table: pd.DataFrame, quotas: np.ndarray, filters: dict, class_name
     for label, name in enumerate(class_names):
         rows = table[table["label"] == label]
         accepted = int(rows["accepted"].sum())
+        active = [fitted for fitted in filters.values() if fitted is not None]
         entry = {"quota": int(quotas[label]), "generated": len(rows), "accepted": accepted, "shortfall": int(quotas[label]) - accepted,
-                 "judged": judged(filters, label)}
+                 "judged": any(judged(fitted, label) for fitted in active) if active else True}
         for f in FILTERS:
             fitted = filters.get(f)
+            entry[f"{f}_judged"] = judged(fitted, label) if fitted is not None else "n/a"
             entry[f"{f}_acceptance"] = float(rows[f"pass_{f}"].mean()) if fitted is not None and len(rows) else "n/a"
             entry[f"{f}_threshold"] = float(fitted.thresholds_[label]) if fitted is not None else "n/a"
         per_class[name] = entry

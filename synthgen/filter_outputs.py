@@ -96,7 +96,7 @@ def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Pat
                 continue
             axis.axvline(filters[name].thresholds_[label], color=f"C{label % 10}", linewidth=0.8, label=str(class_name))
         axis.set_title(f"{SCORE_COLUMNS[name]} (lines: class thresholds)", fontsize=9)
-    if active:
+    if active and figure.axes[-1].get_legend_handles_labels()[1]:  # no lines when that filter judges no class
         figure.axes[-1].legend(fontsize=6, ncol=2, loc="upper right")
     figure.savefig(path, dpi=80)
 

@@ -20,7 +20,7 @@ from synthgen.models import build_generator, classifier, save_generator
 TINY = {
     "train.model": "cgan", "generate.min_per_class": 5, "generate.batch_size": 64, "generate.shard_size": 64, "generate.device": "cpu",
     "generate.max_rounds": 2, "filter.classifier_steps": 10, "filter.device": "cpu", "filter.discriminator_steps": 20,
-    "filter.discriminator_samples": 20,
+    "filter.discriminator_samples": 20, "filter.discriminator_min_class_images": 5,  # 8 images per class: judged
 }
 
 
@@ -181,12 +181,25 @@ def test_round_limit_and_shortfalls_when_everything_is_rejected(tiny_prepared, m
 
 def test_classes_with_fewer_real_images_than_min_class_images_keep_every_candidate(tiny_prepared, models_root, pool_dir, tmp_path):
     # 8 real images per class: at 9 no class is judged, so a novelty cut that rejects everything rejects nothing
-    reject_all = {"filter.novelty_threshold": 1e6, "generate.max_rounds": 1}
+    # (the discriminator's own minimum null: it follows min_class_images)
+    reject_all = {"filter.novelty_threshold": 1e6, "generate.max_rounds": 1, "filter.discriminator_min_class_images": "null"}
     summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a", **reject_all, **{"filter.min_class_images": 9})
     assert summary["accepted"] == summary["quota"] and summary["shortfalls"] == {}
     assert all(not entry["judged"] and entry["novelty_acceptance"] == 1.0 for entry in summary["per_class"].values())
     judged = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b", **reject_all, **{"filter.min_class_images": 8})
     assert judged["accepted"] == 0 and all(entry["judged"] for entry in judged["per_class"].values())
+
+
+def test_discriminator_min_class_images_leaves_the_smaller_classes_to_the_other_filters(tiny_prepared, models_root, pool_dir, tmp_path):
+    # 8 real images per class; a discriminator cut at the 90% quantile rejects most candidates of a class it judges
+    strict = {"filter.discriminator_quantile": 0.9, "generate.max_rounds": 1}
+    off = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a", **strict, **{"filter.discriminator_min_class_images": 9})
+    entries = off["per_class"].values()
+    assert all(e["discriminator_judged"] is False and e["discriminator_acceptance"] == 1.0 for e in entries)
+    assert all(e["classifier_judged"] is True and e["novelty_judged"] is True and e["judged"] for e in entries)
+    on = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b", **strict, **{"filter.discriminator_min_class_images": 8})
+    assert all(e["discriminator_judged"] is True for e in on["per_class"].values())
+    assert min(e["discriminator_acceptance"] for e in on["per_class"].values()) < 0.5
 
 
 def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_root, pool_dir, tmp_path):
