@@ -108,10 +108,17 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     if config.novelty:
         filters["novelty"] = NoveltyFilter(config.novelty_threshold).fit(x, y, held_x, held_y)
     counts = np.bincount(np.asarray(y), minlength=n_classes)
+    minimum = judging_minimum(config, counts)
+    return {name: None if fitted is None else judge_only(fitted, counts, minimum[name]) for name, fitted in filters.items()}
+
+
+def judging_minimum(config: FilterConfig, counts: np.ndarray) -> dict[str, int]:
+    """Filter name -> the fewest real images of a class it judges: ``min_class_images``, and for the discriminator
+    ``discriminator_min_class_images`` capped at the largest class (on balanced data it judges every class)."""
     minimum = {name: config.min_class_images for name in FILTERS}
     if config.discriminator_min_class_images is not None:
-        minimum["discriminator"] = config.discriminator_min_class_images
-    return {name: None if fitted is None else judge_only(fitted, counts, minimum[name]) for name, fitted in filters.items()}
+        minimum["discriminator"] = min(config.discriminator_min_class_images, int(np.max(counts)))
+    return minimum
 
 
 def calibration_note(prepared: PreparedData, filters: dict) -> str:

@@ -20,7 +20,7 @@ from synthgen.models import build_generator, classifier, save_generator
 TINY = {
     "train.model": "cgan", "generate.min_per_class": 5, "generate.batch_size": 64, "generate.shard_size": 64, "generate.device": "cpu",
     "generate.max_rounds": 2, "filter.classifier_steps": 10, "filter.device": "cpu", "filter.discriminator_steps": 20,
-    "filter.discriminator_samples": 20, "filter.discriminator_min_class_images": 5,  # 8 images per class: judged
+    "filter.discriminator_samples": 20,
 }
 
 
@@ -190,16 +190,24 @@ def test_classes_with_fewer_real_images_than_min_class_images_keep_every_candida
     assert judged["accepted"] == 0 and all(entry["judged"] for entry in judged["per_class"].values())
 
 
+def test_the_discriminator_skips_the_rare_classes_of_a_long_tail_and_judges_every_class_of_balanced_data():
+    config = tiny_config().filter  # discriminator_min_class_images: 20, min_class_images: 5
+    long_tail = flt.judging_minimum(config, np.array([50, 30, 18, 11, 6, 4, 2, 1, 1, 1]))
+    assert long_tail == {"discriminator": 20, "classifier": 5, "novelty": 5}
+    assert flt.judging_minimum(config, np.array([10] * 10))["discriminator"] == 10  # capped at the largest class
+    assert flt.judging_minimum(tiny_config(**{"filter.discriminator_min_class_images": "null"}).filter, np.array([50, 3])) == dict.fromkeys(flt.FILTERS, 5)
+
+
 def test_discriminator_min_class_images_leaves_the_smaller_classes_to_the_other_filters(tiny_prepared, models_root, pool_dir, tmp_path):
     # 8 real images per class; a discriminator cut at the 90% quantile rejects most candidates of a class it judges
     strict = {"filter.discriminator_quantile": 0.9, "generate.max_rounds": 1}
-    off = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a", **strict, **{"filter.discriminator_min_class_images": 9})
-    entries = off["per_class"].values()
-    assert all(e["discriminator_judged"] is False and e["discriminator_acceptance"] == 1.0 for e in entries)
-    assert all(e["classifier_judged"] is True and e["novelty_judged"] is True and e["judged"] for e in entries)
-    on = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b", **strict, **{"filter.discriminator_min_class_images": 8})
+    on = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a", **strict)  # the default 20, capped at 8
     assert all(e["discriminator_judged"] is True for e in on["per_class"].values())
     assert min(e["discriminator_acceptance"] for e in on["per_class"].values()) < 0.5
+    # the discriminator follows min_class_images when its own minimum is null
+    off = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b", **strict,
+                     **{"filter.discriminator_min_class_images": "null", "filter.min_class_images": 9})
+    assert all(e["discriminator_judged"] is False and e["discriminator_acceptance"] == 1.0 for e in off["per_class"].values())
 
 
 def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_root, pool_dir, tmp_path):
