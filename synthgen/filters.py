@@ -78,7 +78,8 @@ def judge_only(fitted: _Filter, train_counts: np.ndarray, min_images: int) -> _F
     cost about a point of balanced accuracy against the unfiltered candidates, where rejecting as many
     at random cost nothing; judging only the larger classes cut that cost by a half and by a fifth,
     not to zero (bench/bench_filter_ablation.py, docs/RESULTS.md). The discriminator gets its own,
-    larger minimum (``filter.discriminator_min_class_images``, 20 by default), measured the same way.
+    larger minimum (``filter.discriminator_min_class_images``: 20 by default, capped at the largest
+    class so that balanced data keep it on every class), measured the same way.
     """
     fitted.judged_ = np.asarray(train_counts) >= min_images
     return fitted

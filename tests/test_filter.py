@@ -198,7 +198,7 @@ def test_the_discriminator_skips_the_rare_classes_of_a_long_tail_and_judges_ever
     assert flt.judging_minimum(tiny_config(**{"filter.discriminator_min_class_images": "null"}).filter, np.array([50, 3])) == dict.fromkeys(flt.FILTERS, 5)
 
 
-def test_discriminator_min_class_images_leaves_the_smaller_classes_to_the_other_filters(tiny_prepared, models_root, pool_dir, tmp_path):
+def test_the_filter_stage_applies_the_discriminator_minimum_capped_at_the_largest_class(tiny_prepared, models_root, pool_dir, tmp_path):
     # 8 real images per class; a discriminator cut at the 90% quantile rejects most candidates of a class it judges
     strict = {"filter.discriminator_quantile": 0.9, "generate.max_rounds": 1}
     on = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a", **strict)  # the default 20, capped at 8
