@@ -193,7 +193,7 @@ class FilterConfig(Section):
         "or as many as the largest class (null: filter.min_class_images). On a long tail, trained on a few images of a "
         "rare class, it calls the samples least like them unreal, and those teach a classifier the class's variation "
         "(MNIST long tails: +0.17 and +0.25 points over judging classes of 5+); on balanced data it judges every class "
-        "(MNIST 10 per class: its cut earned +0.13). docs/RESULTS.md.",
+        "(MNIST 10 per class: its cut earned +0.13 and +0.14 on two draws). docs/RESULTS.md.",
     )
     image_folder: bool = Field(
         True, description="Also write accepted/<class>/*.png. At 100k+ samples set false: DVC then hashes a few "
