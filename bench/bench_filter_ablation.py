@@ -101,8 +101,8 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         thresholds = [summary["per_class"][c][f"{name}_threshold"] for c in names]
         on = "n/a" not in thresholds
         passes[name] = manifest[SCORE_COLUMNS[name]].to_numpy() >= np.array(thresholds, float)[pool_y] if on else np.ones(len(pool_y), bool)
+    entries = [summary["per_class"][c] for c in names]
     for name in FILTERS:  # the stage passes every sample of a class a filter does not judge (filter.min_class_images)
-        entries = [summary["per_class"][c] for c in names]
         passes[name] |= np.array([entry.get(f"{name}_judged", entry.get("judged", True)) is False for entry in entries])[pool_y]
     masks = {
         "no filter": np.ones(len(pool_y), bool),

@@ -29,7 +29,7 @@ from synthgen.config import Config, FilterConfig, GenerateConfig
 from synthgen.data import DataError, PreparedData, load_prepared
 from synthgen.device import resolve_device
 from synthgen.executor import map_shards, open_executor
-from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter, judge_only
+from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter, judge_only, judged
 from synthgen.generate import (
     compute_quotas, first_round_requests, generate_candidates, load_model, make_shard_specs, model_path_for, next_batch_start,
     run_shard,
@@ -270,19 +270,12 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame({k: pd.Series(dtype=v) for k, v in columns.items()})
 
 
-def judged(fitted, label: int) -> bool:
-    """Whether filter ``fitted`` judges class ``label`` (:func:`~synthgen.filters.judge_only`: enough real images of it)."""
-    mask = getattr(fitted, "judged_", None)
-    return True if mask is None else bool(mask[label])
-
-
 def summarize(table: pd.DataFrame, quotas: np.ndarray, filters: dict, class_names, history: list) -> dict:
     """Per-class generated / accepted counts, acceptance per filter, thresholds used, shortfalls."""
-    per_class = {}
+    per_class, active = {}, [fitted for fitted in filters.values() if fitted is not None]
     for label, name in enumerate(class_names):
         rows = table[table["label"] == label]
         accepted = int(rows["accepted"].sum())
-        active = [fitted for fitted in filters.values() if fitted is not None]
         entry = {"quota": int(quotas[label]), "generated": len(rows), "accepted": accepted, "shortfall": int(quotas[label]) - accepted,
                  "judged": any(judged(fitted, label) for fitted in active) if active else True}
         for f in FILTERS:

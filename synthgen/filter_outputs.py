@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
 from synthgen.artifacts import FILTER_SUMMARY, load_accepted, read_shard, shard_paths
-from synthgen.filters import FILTERS, SCORE_COLUMNS
+from synthgen.filters import FILTERS, SCORE_COLUMNS, judged
 from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
 from synthgen.png_tree import write_tree
@@ -91,8 +91,7 @@ def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Pat
         scores = table[SCORE_COLUMNS[name]].to_numpy()
         axis.hist(scores[np.isfinite(scores)], bins=40, color="0.6")
         for label, class_name in enumerate(class_names):  # per-class thresholds (calibrated) of the judged classes
-            judged = getattr(filters[name], "judged_", None)
-            if judged is not None and not judged[label]:
+            if not judged(filters[name], label):
                 continue
             axis.axvline(filters[name].thresholds_[label], color=f"C{label % 10}", linewidth=0.8, label=str(class_name))
         axis.set_title(f"{SCORE_COLUMNS[name]} (lines: class thresholds)", fontsize=9)

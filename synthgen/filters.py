@@ -85,6 +85,12 @@ def judge_only(fitted: _Filter, train_counts: np.ndarray, min_images: int) -> _F
     return fitted
 
 
+def judged(fitted: _Filter, label: int) -> bool:
+    """Whether filter ``fitted`` judges class ``label`` (:func:`judge_only`; True when it was never restricted)."""
+    mask = getattr(fitted, "judged_", None)
+    return True if mask is None else bool(mask[label])
+
+
 class DiscriminatorFilter(_Filter):
     """Keep when D(x, y) >= the ``quantile`` of D on real images of class y."""
 
