@@ -4,42 +4,40 @@
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_evaluate_stage.py /tmp/bench/demo/data --params params.yaml
 
 WORK holds ``prepared/``, ``synthetic/`` and ``pool/`` (a project's ``data/`` after ``dvc repro``).
-Each way runs :func:`synthgen.evaluate.run_arms` with the params' evaluate section (every arm,
-the budget search and the recipe selection), on the same seeds:
+Each way runs :func:`synthgen.evaluate.run_arms` with the params' evaluate section (every arm and
+the budget search; the out-of-fold recipe selection too when ``evaluate.test_every_recipe`` is
+false), on the same seeds:
 
 * ``one at a time``: every model trains alone (``evaluate.batched: false``), the reference path;
 * ``per arm``: each call's seeds as one grouped network, arms one after another (the code before
   arms were batched together);
 * ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it on small images
   (``evaluate.batched: true``): every baseline arm's seeds in one grouped network, every synthetic
-  arm's in one (the budget and recipe selection train one at a time in every way);
+  arm's in one (the budget search, and the recipe selection when there is one, train one at a time
+  in every way);
 * ``default``: what the stage does with the params' ``evaluate.batched`` and ``evaluate.cpu_bf16``
   (``auto``: every arm batched up to 16x16 pixels, one at a time above; bf16 on CPUs with native
-  bf16). The selection stays fp32 one at a time. The first three ways are fp32.
+  bf16). The budget search stays fp32 one at a time. The first three ways are fp32.
 
-Prints wall seconds, the speed-up over one at a time, and whether the ways reach the same budget,
-selected recipe, verdict and gain (the numbers may differ by float rounding: grouped and plain
-convolutions round differently, and bf16 rounds more).
+Prints wall seconds (and each training call's: models x steps, seconds), the speed-up over one at
+a time, and whether the ways reach the same budget, recipe given the synthetic set, verdict and gain
+(the numbers may differ by float rounding: grouped and plain convolutions round differently, and
+bf16 rounds more).
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from synthgen import evaluate
-from synthgen.config import load_config
-from synthgen.data import load_prepared
 from synthgen.models.members import fit_members, fit_tasks
+from workdir import open_work  # bench/workdir.py: python puts the script's folder on sys.path
 
 
 def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False) -> list:
@@ -47,20 +45,25 @@ def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | st
     return [fit_members(**task, batched=batched, cpu_bf16=cpu_bf16) for task in tasks]
 
 
+def timed(fit, calls: list[str]):
+    """``fit`` that also notes, per call, how many models of how many steps it trained and in how many seconds."""
+    def call(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False) -> list:
+        started = time.perf_counter()
+        fitted = fit(tasks, batched, cpu_bf16)
+        models = sum(len(task["seeds"]) for task in tasks)
+        calls.append(f"{models} x {tasks[0]['steps']} steps: {time.perf_counter() - started:.1f} s" if tasks else "none")
+        return fitted
+    return call
+
+
 def main(
     work: Annotated[Path, typer.Argument(help="Directory holding prepared/, synthetic/ and pool/.")] = Path("data"),
     params: Annotated[Optional[Path], typer.Option(help="params.yaml (default: ./params.yaml when present).")] = None,
     ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm, default.")] = "one-at-a-time,per-arm,every-arm,default",
 ) -> None:
-    console = Console(width=180)
-    threads = os.environ.get("OMP_NUM_THREADS")
-    console.print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join([sys.executable, *sys.argv]), highlight=False)
-    if not (work / "prepared" / "meta.json").is_file():
-        console.print(f"{work} holds no prepared data: run `make run` (or dvc repro) first, or pass a directory")
+    console, config, prepared = open_work(work, params)
+    if prepared is None:
         return
-    params = params if params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
-    config = load_config(params).evaluate
-    prepared = load_prepared(work / "prepared")
     synthetic, unfiltered = evaluate.load_extra_sets(work / "synthetic", work / "pool")
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(prepared.train.y)} training images "
                   f"{prepared.train.x.shape[1:]}, {len(prepared.test.y)} test, {0 if synthetic is None else len(synthetic.y)} synthetic; "
@@ -71,15 +74,15 @@ def main(
     results = {}
     for way in ways.split(","):
         batched, fit, cpu_bf16 = setups[way]
-        started = time.perf_counter()
+        started, calls = time.perf_counter(), []
         outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched, "cpu_bf16": cpu_bf16}),
-                                    fit=fit)
+                                    fit=timed(fit, calls))
         results[way] = (time.perf_counter() - started, outcome)
-        console.print(f"{way}: {results[way][0]:.1f} s", highlight=False)
+        console.print(f"{way}: {results[way][0]:.1f} s; each training call (budget search, then the arms): {'; '.join(calls)}", highlight=False)
     reference = results[next(iter(results))][1]
     table = Table(title=f"evaluate stage ({work}): one model at a time vs batched")
-    for column in ("way", "seconds", "speed-up", "budget", "selected recipe", "verdict", "gain [95% CI]", "max |arm mean - first way's|"):
-        table.add_column(column, justify="left" if column in ("way", "selected recipe", "verdict") else "right")
+    for column in ("way", "seconds", "speed-up", "budget", "recipe + synthetic", "verdict", "gain [95% CI]", "max |arm mean - first way's|"):
+        table.add_column(column, justify="left" if column in ("way", "recipe + synthetic", "verdict") else "right")
     base_seconds = results[next(iter(results))][0]
     for way, (seconds, outcome) in results.items():
         gain = outcome["decision"]["gain"]

@@ -12,7 +12,7 @@ and every evaluation arm see exactly those images; the rest of the dataset is te
 (300 per class for MNIST, all remaining for CIFAR). It runs the pipeline cores (prepare -> train
 -> generate -> filter) in ``--work``, then :func:`synthgen.evaluate.run_arms` once per variant:
 the params' evaluate section plus each ``--variant key=value[,key=value]``. Prints every arm, the
-selected recipe (k-fold on the labeled images), the paired gain of recipe + synthetic over the
+step budget (k-fold on the labeled images), the paired gain of recipe + synthetic over the
 recipe alone, tail-class recall, the verdict, and checks the issue's targets. JSON to ``--out``.
 """
 

@@ -230,12 +230,13 @@ class EvaluateConfig(Section):
     )
     max_steps: int = Field(1000, ge=1, description="Largest budget steps: auto may choose.")
     budget_tolerance: float = Field(0.005, ge=0, description="Out-of-fold gain below which doubling the budget stops.")
-    selection_folds: int = Field(2, ge=2, description="Stratified folds of the training images for budget and recipe selection.")
+    selection_folds: int = Field(2, ge=2, description="Stratified folds of the training images for the budget (and the recipe when test_every_recipe is false).")
     recipes: tuple[Literal[RECIPE_NAMES], ...] = Field(  # type: ignore[valid-type]
         RECIPE_NAMES, min_length=1, description="Non-generative recipes competing for the best baseline."
     )
     test_every_recipe: bool = Field(
-        True, description="Score every recipe on test too (one row each); false scores only the selected one (faster)."
+        True, description="Score every recipe on test and give the strongest the synthetic set; false: only real and "
+                          "the one selected out-of-fold on the training images (fewer arms on big test sets)."
     )
     logit_adjust_tau: float = Field(1.0, ge=0, description="Temperature of the logit-adjusted loss (1: Balanced Softmax).")
     mixup_alpha: float = Field(0.2, gt=0, description="Beta(alpha, alpha) mixing weights of the mixup recipe.")

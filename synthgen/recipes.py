@@ -12,6 +12,9 @@ reaches this module.
   out-of-fold balanced accuracy of ``real+classic`` still improves by more than ``tolerance``:
   the budget at which the real-data classifier has converged, identical for every arm.
 * :func:`select_recipe`: every recipe's out-of-fold balanced accuracy at that budget; the best wins.
+  The evaluate stage uses it only when ``evaluate.test_every_recipe`` is false (then only ``real``
+  and the selected recipe are scored on test); otherwise every recipe is scored on test and the
+  strongest there gets the synthetic set.
 """
 
 from __future__ import annotations

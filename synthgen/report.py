@@ -118,6 +118,10 @@ def selection_text(metrics: dict) -> str:
     budget = (f"Budget: {selection['steps']} steps, where `real+classic` stopped improving in {selection['folds']}-fold "
               f"cross-validation on the training images (out-of-fold balanced accuracy by steps: {curve})."
               if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
+    if selection.get("chosen_by", "out-of-fold") == "test":
+        return (f"{budget} Every recipe was scored on the test set; the strongest there, `{selection['best_recipe']}`, "
+                f"got the synthetic set and the unfiltered ablation (no out-of-fold recipe selection: the verdict "
+                f"compares the strongest arms on test).")
     return (f"{budget} Recipes, out-of-fold balanced accuracy at that budget: {scores}; "
             f"`{selection['best_recipe']}` was selected and got the synthetic set first.")
 

@@ -73,11 +73,13 @@ def test_paired_gain_uses_per_seed_differences():
     assert "real" not in gains
 
 
-def test_selection_and_every_arm_never_see_the_test_split(prepared):
+@pytest.mark.parametrize("every_recipe", [True, False], ids=["every-recipe-on-test", "out-of-fold-selection"])
+def test_selection_and_every_arm_never_see_the_test_split(prepared, every_recipe):
     synthetic = prepared.val  # real held-out images posing as synthetic
     noise = LabeledImages(np.full_like(prepared.val.x, 7), prepared.val.y, prepared.class_names)
     spy = SpyFit()
-    config = FAST.model_copy(update={"steps": "auto", "min_steps": 4, "max_steps": 8, "soft_label_mix": 0.3})
+    config = FAST.model_copy(update={"steps": "auto", "min_steps": 4, "max_steps": 8, "soft_label_mix": 0.3,
+                                     "test_every_recipe": every_recipe})
     results = evaluate.run_arms(prepared.train, prepared.test, synthetic, noise, config, fit=spy)
     allowed = _row_keys(prepared.train.x) | _row_keys(synthetic.x) | _row_keys(noise.x)
     test_only = _row_keys(prepared.test.x) - allowed
@@ -91,7 +93,17 @@ def test_selection_and_every_arm_never_see_the_test_split(prepared):
     assert {(c["steps"], c["batch_size"], c["lr"], c["width"]) for c in arm_fits} == {(steps, FAST.batch_size, FAST.lr, FAST.width)}
     best = results["selection"]["best_recipe"]
     strongest = results["decision"]["best_baseline"]
-    expected = set(FAST.recipes) | {f"{best}+synthetic", f"{strongest}+synthetic", f"{best}+unfiltered", "real+synthetic"}
+    single_seed = [call for call in spy.fits if call["seeds"] == [config.seed]]
+    budget_fits = 2 * config.selection_folds  # 4 and 8 steps, each fold
+    if every_recipe:  # no out-of-fold recipe selection: the strongest recipe on test gets the synthetic set
+        assert results["selection"]["chosen_by"] == "test" and results["selection"]["recipe_scores"] == {}
+        assert best == strongest and len(single_seed) == budget_fits + 1  # + the soft-label teacher
+        baselines = set(FAST.recipes)
+    else:
+        assert results["selection"]["chosen_by"] == "out-of-fold" and set(results["selection"]["recipe_scores"]) == set(FAST.recipes)
+        assert len(single_seed) == budget_fits + config.selection_folds * (len(FAST.recipes) - 1) + 1  # real+classic reused
+        baselines = {"real", best}
+    expected = baselines | {f"{best}+synthetic", f"{strongest}+synthetic", f"{best}+unfiltered", "real+synthetic"}
     assert set(results["per_seed"]["arm"]) == expected
     n_train = results["per_seed"].groupby("arm")["n_train"].first()  # the ablation adds as many images as the treatment
     assert n_train[f"{best}+unfiltered"] == n_train[f"{best}+synthetic"] == len(prepared.train.y) + len(synthetic.y)
@@ -154,9 +166,9 @@ def test_selection_trains_one_model_at_a_time_in_fp32_even_when_the_arms_are_bat
     best, scores = recipes.select_recipe(prepared.train, config, 4, fit=spy)
     assert modes == [(2 * config.selection_folds, False, False)] and set(scores) == {"real", "real+classic"}
     modes.clear()
-    results = evaluate.run_arms(prepared.train, prepared.test, None, None, config, fit=spy)
-    # the selection one at a time in fp32, then every baseline arm in one batched call, in bf16 as asked
-    assert modes[:2] == [(2 * config.selection_folds, False, False), (len(config.recipes), True, True)]
+    results = evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"test_every_recipe": False}), fit=spy)
+    # the selection one at a time in fp32, then the baseline arms (real and the selected one) in one batched call, in bf16 as asked
+    assert modes[:2] == [(2 * config.selection_folds, False, False), (len({"real", results["selection"]["best_recipe"]}), True, True)]
     assert results["precision"] == "bf16"  # what details.json reports
     assert evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"cpu_bf16": False}))["precision"] == "fp32"
 

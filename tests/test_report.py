@@ -43,9 +43,20 @@ def test_render_markdown_has_verdict_and_tables(metrics, tiny_prepared):
     assert f"**Verdict: {metrics['verdict']}**" in text
     assert "| arm | balanced accuracy % [95% CI] |" in text
     assert f"| {metrics['best_synthetic']} |" in text
-    assert "strongest recipe without it" in text and "out-of-fold balanced accuracy" in text
+    assert "strongest recipe without it" in text and "Every recipe was scored on the test set" in text
     assert "ab" * 32 in text and "| 0 | 3 | 6 | 3 | 0.25 |" in text
     assert "## Limitations" in text
+
+
+def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chosen():
+    curve = [{"steps": 500, "balanced_accuracy": 0.7}, {"steps": 1000, "balanced_accuracy": 0.702}]
+    on_test = {"selection": {"steps": 500, "budget_curve": curve, "recipe_scores": {}, "best_recipe": "real+logit_adjust",
+                             "chosen_by": "test", "folds": 2}}
+    text = report.selection_text(on_test)
+    assert "Budget: 500 steps" in text and "strongest there, `real+logit_adjust`" in text and "out-of-fold balanced accuracy at" not in text
+    out_of_fold = {"selection": {**on_test["selection"], "chosen_by": "out-of-fold", "recipe_scores": {"real": 0.6, "real+logit_adjust": 0.65}}}
+    text = report.selection_text(out_of_fold)
+    assert "`real+logit_adjust` 65.00%" in text and "`real+logit_adjust` was selected" in text
 
 
 def test_main_writes_report_and_pngs(tiny_prepared, tmp_path):

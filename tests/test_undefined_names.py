@@ -28,8 +28,9 @@ def global_reads(code: types.CodeType):
             yield from global_reads(constant)
 
 
-@pytest.mark.parametrize("script", sorted(BENCH.glob("bench_*.py")), ids=lambda path: path.name)
-def test_bench_script_reads_only_names_it_defines(script):
+@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda path: path.name)
+def test_bench_script_reads_only_names_it_defines(script, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # as `python bench/x.py` does: its helpers (bench/workdir.py) import
     spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # the scripts act only under `if __name__ == "__main__"`
