@@ -185,11 +185,13 @@ def run_arms(
     progress: bool = False,
     fit: Callable = fit_tasks,
 ) -> dict:
-    """Choose budget and recipe on ``real_train``, train every arm over the seeds, score on ``test``.
+    """Choose the budget (and, unless every recipe is tested, the recipe) on ``real_train``, train every
+    arm over the seeds, score on ``test``.
 
     ``test`` is only passed to ``predict``. Returns ``per_seed`` and ``per_class`` DataFrames,
     ``summary`` ({arm: {metric: interval}}), ``gains`` (paired vs the strongest baseline),
-    ``decision``, ``selection`` (budget curve, recipe scores) and ``counts``.
+    ``decision``, ``selection`` (budget curve, recipe scores, the recipe given the synthetic set and
+    ``chosen_by``: ``test`` or ``out-of-fold``) and ``counts``.
     """
     steps, curve = choose_budget(real_train, config, fit)
     # every recipe scored on test: the out-of-fold pick adds nothing the verdict uses, and on scarce data it is a coin toss
