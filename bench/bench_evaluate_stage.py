@@ -78,7 +78,7 @@ def main(
         outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched, "cpu_bf16": cpu_bf16}),
                                     fit=timed(fit, calls))
         results[way] = (time.perf_counter() - started, outcome)
-        console.print(f"{way}: {results[way][0]:.1f} s; each training call (budget search, then the arms): {'; '.join(calls)}", highlight=False)
+        console.print(f"{way}: {results[way][0]:.1f} s; each training call (budget search, recipe selection if any, then the arms): {'; '.join(calls)}", highlight=False)
     reference = results[next(iter(results))][1]
     table = Table(title=f"evaluate stage ({work}): one model at a time vs batched")
     for column in ("way", "seconds", "speed-up", "budget", "recipe + synthetic", "verdict", "gain [95% CI]", "max |arm mean - first way's|"):

@@ -251,10 +251,10 @@ class EvaluateConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto")
     batched: bool | Literal["auto"] = Field("auto", description="Train the arms' models together as one grouped network "
                                             "(auto: on CUDA and for images up to 16x16; false: one model at a time). The budget "
-                                            "and recipe selection always train one at a time.")
+                                            "search (and the recipe selection when there is one) always trains one at a time.")
     cpu_bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast for the arms' models on the CPU (fp32 weights). "
-                                             "auto: only on CPUs with native bf16 (AVX512-BF16 / AMX). The budget and recipe "
-                                             "selection always train in fp32.")
+                                             "auto: only on CPUs with native bf16 (AVX512-BF16 / AMX). The budget search "
+                                             "(and the recipe selection when there is one) always trains in fp32.")
 
     @model_validator(mode="after")
     def _budget_range(self) -> "EvaluateConfig":

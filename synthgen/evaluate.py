@@ -23,7 +23,9 @@ seeds: ``recommended`` only when the interval lies above zero. That is the compa
 independent scorer makes. When every recipe is tested the out-of-fold recipe selection is skipped:
 the verdict does not use it, it was half the stage's time, and on scarce data it is a coin toss (the
 digits demo: three different recipes over four selection seeds, a recipe's score moving by 7 points
-under float rounding alone; docs/RESULTS.md). The test split only ever reaches ``predict``.
+under float rounding alone; docs/RESULTS.md). The test split only ever reaches ``predict``; its
+scores decide which recipe gets the synthetic set (and trains the soft-label teacher, when
+``evaluate.soft_label_mix`` > 0), as they decide the verdict.
 """
 
 from __future__ import annotations
@@ -222,16 +224,17 @@ def run_arms(
 
     baselines = baseline_arms(chosen, config)
     with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task("evaluate", total=len(baselines) + 4)
+        task = bar.add_task("evaluate", total=len(baselines) + 3)  # + at most 3 synthetic arms
         run(baselines, bar, task)
-        # the strongest recipe on test gets the synthetic set; the out-of-fold choice too when there is one
-        scored = pd.DataFrame(rows).groupby("arm", sort=False)["balanced_accuracy"].mean()
-        leader = recipe_named(str(scored.idxmax()))
-        best = chosen or leader  # gets the synthetic set first, and the unfiltered ablation
+        # the strongest recipe on test (as the verdict ranks them) gets the synthetic set; the out-of-fold choice too
+        leader = recipe_named(strongest(summarize_arms(pd.DataFrame(rows), config.confidence), [arm.name for arm in baselines]))
+        best = chosen if chosen is not None else leader  # gets the synthetic set first, and the unfiltered ablation
         if config.soft_label_mix > 0 and any(present.values()):  # its teacher on real images, one seed
             params = classifier_params(best, config, real_train.n_classes, steps)
             teacher = fit([dict(X=real_train.x, y=real_train.y, seeds=[config.seed], **params)], config.batched, cpu_bf16=config.cpu_bf16)[0]
-        run(synthetic_arms(list({best.name: best, leader.name: leader}.values()), present["synthetic"], present["unfiltered"]), bar, task)
+        arms = synthetic_arms(list({best.name: best, leader.name: leader}.values()), present["synthetic"], present["unfiltered"])
+        bar.update(task, total=len(baselines) + len(arms))
+        run(arms, bar, task)
     per_seed, per_class = pd.DataFrame(rows), pd.DataFrame(recall_rows)
     summary = summarize_arms(per_seed, config.confidence)
     baseline = strongest(summary, [arm.name for arm in baselines])

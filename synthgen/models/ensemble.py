@@ -48,7 +48,7 @@ def fold_batch_norm(body: nn.Sequential) -> nn.Sequential:
 
 def conv_body(in_channels: int, width: int, image_size: tuple[int, int], groups: int = 1) -> tuple[nn.Sequential, int]:
     """SmallCNN's body with every channel count times ``groups``: (conv-BN-ReLU x2, max-pool while the map is >= 4 px) x2,
-    2x2 average pool, flatten. Returns the body and the flattened features per member."""
+    2x2 average pool (an identity when the map is already 2x2), flatten. Returns the body and the flattened features per member."""
     size, channels, layers = min(image_size), in_channels, []
     for out_channels in (width, 2 * width):
         for _ in range(2):

@@ -36,7 +36,7 @@ def fuse_for_inference(model: "SmallCNN") -> "SmallCNN":
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks (conv-BN-ReLU x2, then 2x2 max-pool while the map is >= 4 px), global pooling, MLP head.
+    """Two conv blocks (conv-BN-ReLU x2, then 2x2 max-pool while the map is >= 4 px), average pooling to 2x2, MLP head.
 
     Works for any H, W >= 4: pooling stops before the map gets smaller than 2x2.
     """
