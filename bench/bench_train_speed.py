@@ -1,4 +1,5 @@
-"""Training throughput before/after in one run: NCHW fp32, channels-last fp32, channels-last with CPU bf16 autocast.
+"""Training throughput before/after in one run: NCHW fp32, channels-last fp32, channels-last with CPU bf16 autocast,
+each with the generator's upsampling as one transposed conv (now) or as nearest upsampling + 3x3 conv (before).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_train_speed.py                # MNIST 20/class, every model
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_train_speed.py --models cvae --steps 200
@@ -11,13 +12,16 @@ of each. channels-last is the same function (losses differ by float rounding); b
 (``train.cpu_bf16``, fp32 weights) rounds activations to 8 bits of mantissa, so its loss differs
 more: compare the curves over a whole run with ``--steps 2000``. Machines here are shared and
 noisy, so read the ratio. bf16 is only fast on CPUs with native bf16 (AVX512-BF16 / AMX); the
-table says whether this one has it.
+table says whether this one has it, and without it the bf16 settings are left out unless named.
+The "upsample+conv" settings run :func:`synthgen.models.cgan.upsample_conv_reference` in the
+generator (the code before the transposed form), the same function up to float rounding.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import patch
 from typing import Annotated
 
 import numpy as np
@@ -30,12 +34,15 @@ from synthgen import train as train_stage
 from synthgen.config import load_config
 from synthgen.data import random_per_class
 from synthgen.device import cpu_has_native_bf16
+from synthgen.models import cgan
 from synthgen.sources import load_source
 
-SETTINGS = {  # name -> (channels_last, cpu_bf16)
-    "NCHW fp32": (False, False),
-    "channels-last fp32": (True, False),
-    "channels-last bf16": (True, True),
+SETTINGS = {  # name -> (channels_last, cpu_bf16, the generator's upsampling)
+    "NCHW fp32 (upsample+conv)": (False, False, cgan.upsample_conv_reference),  # the issue's path
+    "channels-last fp32 (upsample+conv)": (True, False, cgan.upsample_conv_reference),
+    "channels-last fp32": (True, False, cgan.upsample_conv),  # the default without native bf16
+    "channels-last bf16 (upsample+conv)": (True, True, cgan.upsample_conv_reference),
+    "channels-last bf16": (True, True, cgan.upsample_conv),  # the default with it
 }
 
 
@@ -48,8 +55,13 @@ def scarce_mnist(source: Path, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     return images.x[rows], images.y[rows]
 
 
-def throughput(model: str, channels_last: bool, bf16: bool, steps: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float, list]:
+def throughput(model: str, channels_last: bool, bf16: bool, upsampling, steps: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float, list]:
     """(real images per second, final logged loss, the loss curve) of one fresh training run on the CPU."""
+    with patch.object(cgan, "upsample_conv", upsampling):  # Generator.forward looks the function up per call
+        return fresh_run(model, channels_last, bf16, steps, x, y)
+
+
+def fresh_run(model: str, channels_last: bool, bf16: bool, steps: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float, list]:
     log_every = max(1, steps // 20)
     config = load_config(None, [f"train.model={model}", f"train.steps={steps}", f"train.channels_last={str(channels_last).lower()}",
                                 f"train.cpu_bf16={str(bf16).lower()}", "train.device=cpu", f"train.log_every={log_every}",
@@ -65,11 +77,12 @@ def main(
     models: Annotated[str, typer.Option(help="Comma-separated models.")] = "cvae,vaegan,cgan",
     steps: Annotated[int, typer.Option(help="Training steps per run.")] = 60,
     repeats: Annotated[int, typer.Option(help="Interleaved runs per setting (best is reported).")] = 2,
-    settings: Annotated[str, typer.Option(help="Comma-separated settings: " + ", ".join(SETTINGS))] = ",".join(SETTINGS),
+    settings: Annotated[str, typer.Option(help="Comma-separated settings (default: every one; the bf16 ones only with native bf16): "
+                                               + ", ".join(SETTINGS))] = "",
 ) -> None:
     console = Console()
     x, y = scarce_mnist(source, per_class)
-    chosen = [name.strip() for name in settings.split(",")]
+    chosen = [name.strip() for name in settings.split(",")] if settings else [name for name in SETTINGS if "bf16" not in name or cpu_has_native_bf16()]
     table = Table(title=f"train throughput, {len(y)} images {x.shape[1:]}, {steps} steps, {torch.get_num_threads()} threads, "
                         f"native CPU bf16: {cpu_has_native_bf16()} (`bench/bench_train_speed.py`)")
     for column in ("model", "setting", "img/s", "vs first", "final loss"):

@@ -1,7 +1,7 @@
 """Class-conditional GAN for scarce data: conditional-BN generator, projection discriminator.
 
 * Generator: noise + class embedding -> linear to a small base map (about 4x4), ``k`` blocks of
-  (class-conditional BN, ReLU, 2x nearest upsampling, 3x3 conv), then a centre crop to the exact
+  (class-conditional BN, ReLU, 2x nearest upsampling + 3x3 conv as one transposed conv), then a centre crop to the exact
   (H, W). ``k`` is chosen from the image size, so 8x8, 28x28, 32x32 and 64x64 all work.
 * Discriminator: 3x3 spectral-norm convs with average pooling, global sum pooling and a
   projection head (Miyato & Koyama 2018): ``D(x, y) = w . h + embed(y) . h``.
@@ -94,11 +94,51 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """``strength`` scales every class-dependent term (1: fully conditional, 0: unconditional)."""
         h = self.stem(torch.cat([z, strength * self.embed(labels)], dim=1))
-        h = h.view(z.shape[0], -1, *self.base_size)  # (N, C0, h0, w0)
+        # (N, C0, h0, w0) in the convs' layout: a view of the linear layer's rows is NCHW, and a channels-last conv
+        # stack fed NCHW maps hands its ReLUs gradients in the other layout (10x slower backward, measured)
+        h = h.view(z.shape[0], -1, *self.base_size).contiguous(memory_format=weight_layout(self.out_conv))
         for norm, conv in zip(self.norms, self.convs):
-            h = conv(F.interpolate(F.relu(norm(h, labels, strength)), scale_factor=2.0, mode="nearest"))
+            h = upsample_conv(F.relu(norm(h, labels, strength)), conv)  # (N, C, 2h, 2w)
         h = self.out_conv(F.relu(self.out_norm(h, labels, strength)))  # (N, C, h0 * 2^k, w0 * 2^k)
         return center_crop(h, self.config.image_shape[1:])
+
+
+def weight_layout(conv: nn.Conv2d) -> torch.memory_format:
+    """torch.channels_last when ``conv``'s weight is stored so (``module.to(memory_format=torch.channels_last)``), else contiguous."""
+    weight = conv.weight
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3) kernel of conv3x3(upsample2x(x)) -> (C_in, C_out, 4, 4) kernel of one stride-2 transposed conv.
+
+    Along each axis, output 2m reads input m-1 with tap 0 and input m with taps 1 + 2, and output
+    2m+1 reads m with taps 0 + 1 and m+1 with tap 2; a stride-2, padding-1 transposed conv puts
+    input i on outputs 2i-1+k, so kernel index k = 0..3 holds taps (2, 1+2, 0+1, 0).
+    """
+    def along(kernel: torch.Tensor, dim: int) -> torch.Tensor:
+        t0, t1, t2 = kernel.unbind(dim)
+        return torch.stack((t2, t1 + t2, t0 + t1, t0), dim)
+
+    return along(along(weight, 2), 3).transpose(0, 1)
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(nearest 2x upsampling of x)``, the same function up to float rounding, as one transposed conv:
+    16 instead of 36 multiply-adds per channel pair and input pixel, and no upsampled map. Gradients
+    reach ``conv``'s 3x3 weight through :func:`transposed_kernel`, so checkpoints keep the 3x3 layout.
+    Measured on 2 CPU cores (AVX2, batch 64): 1.8-2.2x faster forward + backward at the cVAE's two
+    MNIST levels (bench/bench_train_speed.py for whole runs)."""
+    kernel = transposed_kernel(conv.weight)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        kernel = kernel.contiguous(memory_format=torch.channels_last)
+    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)
+
+
+def upsample_conv_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """What :func:`upsample_conv` computes, written the direct way (tests and the before/after bench)."""
+    return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
