@@ -193,7 +193,7 @@ def test_a_channels_last_generator_keeps_its_maps_channels_last():
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_generator_computes_the_training_generator(shape):
-    """Folded BN + sub-pixel convs == BN + class affine + upsample + 3x3 conv, on non-trivial stats."""
+    """Folded BN + transposed convs == BN + class affine + upsample + 3x3 conv, on non-trivial stats."""
     torch.manual_seed(0)
     network = cgan.Generator(cgan.CGANConfig(3, shape, latent_dim=8, base_channels=4))
     for norm in [*network.norms, network.out_norm]:  # fresh BN stats and zero class gains would hide folding bugs
