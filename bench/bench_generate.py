@@ -39,6 +39,7 @@ from synthgen import data, filter as flt, generate, prepare
 from synthgen.tensors import to_uint8
 from synthgen.config import FilterConfig, GenerateConfig, load_config
 from synthgen.io import save_npz
+from synthgen.host_memory import keep_freed_memory
 from synthgen.png_tree import resolve_workers, write_tree
 from synthgen.models import build_generator, load_generator, save_generator
 
@@ -140,6 +141,7 @@ def textbook(model, filters, labels, out_dir: Path, device: torch.device) -> flo
 
 def rss_child(n_samples: int, model_path: str, prepared_dir: str, device: str) -> None:
     """Subprocess body: generate + score (D, novelty) ``n_samples`` shard by shard, print peak RSS (MiB)."""
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     prepared = data.load_prepared(prepared_dir)
     config = GenerateConfig(batch_size=1024, shard_size=4096)
     model = generate.load_model(model_path, device)

@@ -34,6 +34,7 @@ from synthgen import train as train_stage
 from synthgen.config import load_config
 from synthgen.data import random_per_class
 from synthgen.device import cpu_has_native_bf16
+from synthgen.host_memory import keep_freed_memory
 from synthgen.models import cgan
 from synthgen.sources import load_source
 
@@ -81,10 +82,12 @@ def main(
                                                + ", ".join(SETTINGS))] = "",
 ) -> None:
     console = Console()
+    # as `synthgen train` runs (bench/bench_host_memory.py measures this setting; SYNTHGEN_HOST_MEMORY=default turns it off)
+    kept = keep_freed_memory()
     x, y = scarce_mnist(source, per_class)
     chosen = [name.strip() for name in settings.split(",")] if settings else [name for name in SETTINGS if "bf16" not in name or cpu_has_native_bf16()]
     table = Table(title=f"train throughput, {len(y)} images {x.shape[1:]}, {steps} steps, {torch.get_num_threads()} threads, "
-                        f"native CPU bf16: {cpu_has_native_bf16()} (`bench/bench_train_speed.py`)")
+                        f"native CPU bf16: {cpu_has_native_bf16()}, freed host memory kept: {kept} (`bench/bench_train_speed.py`)")
     for column in ("model", "setting", "img/s", "vs first", "final loss"):
         table.add_column(column, justify="right")
     results = {}

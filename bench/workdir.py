@@ -11,6 +11,7 @@ from rich.console import Console
 
 from synthgen.config import EvaluateConfig, load_config
 from synthgen.data import PreparedData, load_prepared
+from synthgen.host_memory import keep_freed_memory
 
 
 def open_work(work: Path, params: Path | None) -> tuple[Console, EvaluateConfig | None, PreparedData | None]:
@@ -19,6 +20,8 @@ def open_work(work: Path, params: Path | None) -> tuple[Console, EvaluateConfig 
     console = Console(width=180)
     threads = os.environ.get("OMP_NUM_THREADS")
     console.print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join([sys.executable, *sys.argv]), highlight=False)
+    # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default measures glibc's own malloc)
+    console.print(f"freed host memory kept for reuse (synthgen/host_memory.py): {keep_freed_memory()}", highlight=False)
     if not (work / "prepared" / "meta.json").is_file():
         console.print(f"{work} holds no prepared data: run `make run` (or dvc repro) first, or pass a directory")
         return console, None, None

@@ -35,6 +35,14 @@ SYNTHETIC = Path("data/synthetic")
 REPORTS = Path("reports")
 
 
+@app.callback()
+def _start() -> None:
+    """Runs before every command: training loops reuse freed host memory (synthgen/host_memory.py)."""
+    from synthgen.host_memory import keep_freed_memory
+
+    keep_freed_memory()
+
+
 def _config(params: Path, overrides: list[str] | None):
     from synthgen.config import ConfigError, load_config
 

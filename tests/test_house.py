@@ -110,7 +110,10 @@ class Project:
     def cli_entry_imports(self, command: str) -> set[str]:
         """Modules the command's function imports, through the cli.py helpers it calls (transitively)."""
         helpers = {node.name: node for node in self.trees[CLI].body if isinstance(node, ast.FunctionDef)}
-        todo, seen, modules = [self.command_function(command)], set(), set()
+        # the app's callback runs before every command
+        callbacks = [node for node in helpers.values() if any(isinstance(d, ast.Call) and getattr(d.func, "attr", None) == "callback"
+                                                             for d in node.decorator_list)]
+        todo, seen, modules = [self.command_function(command), *callbacks], set(), set()
         while todo:
             function = todo.pop()
             if function.name in seen:
