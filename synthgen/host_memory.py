@@ -9,7 +9,9 @@ after). :func:`keep_freed_memory` serves blocks of up to 32 MiB from the heap an
 memory for reuse (no trimming below 1 GiB), so the next step reuses the same pages. Peak memory is
 what it was; a process keeps its peak heap until it exits, which a stage process does.
 
-The CLI calls it once at start (``synthgen <stage>``); importing this module changes nothing.
+The CLI calls it once at start (``synthgen <stage>``); importing this module changes nothing, and
+the library (e.g. ``SynthgenSampler`` in a notebook) does not change its host process's malloc: call
+it there yourself.
 Settings a user gave (``MALLOC_*_`` variables or a ``glibc.malloc`` tunable) are left alone, and
 ``SYNTHGEN_HOST_MEMORY=default`` keeps glibc's own behaviour.
 """
