@@ -19,7 +19,6 @@ Settings a user gave (``MALLOC_*_`` variables or a ``glibc.malloc`` tunable) are
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
@@ -44,8 +43,7 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     if user_configured(dict(os.environ) if environ is None else environ):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the running process's own symbols: glibc's on Linux
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
