@@ -6,8 +6,9 @@ gradients of 0.2-8 MB and frees them by the next step, so each step mapped them 
 every page in on first touch: 5,000-8,000 page faults per step of the cVAE at 28x28 and of the
 30-member grouped classifier, measured on a 2-core VM (bench/bench_host_memory.py has the before /
 after). :func:`keep_freed_memory` serves blocks of up to 32 MiB from the heap and keeps freed heap
-memory for reuse (no trimming below 1 GiB), so the next step reuses the same pages. Peak memory is
-what it was; a process keeps its peak heap until it exits, which a stage process does.
+memory for reuse (no trimming below 1 GiB), so the next step reuses the same pages. Peak memory
+grows little (the demo's stages: 1% for train and filter, 5% for evaluate); a process keeps its
+peak heap until it exits, which a stage process does.
 
 The CLI calls it once at start (``synthgen <stage>``); importing this module changes nothing, and
 the library (e.g. ``SynthgenSampler`` in a notebook) does not change its host process's malloc: call
