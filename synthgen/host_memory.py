@@ -3,7 +3,7 @@
 glibc serves a block above its mmap threshold (128 KiB at start, raised only as such blocks are
 freed) with a fresh ``mmap`` and unmaps it on ``free``. A training step allocates activations and
 gradients of 0.2-8 MB and frees them by the next step, so each step mapped them anew and faulted
-every page in on first touch: 5,000-8,000 page faults per step of the cVAE at 28x28 and of the
+every page in on first touch: 1,500-7,000 page faults per step of the cVAE at 28x28 and of the
 30-member grouped classifier, measured on a 2-core VM (bench/bench_host_memory.py has the before /
 after). :func:`keep_freed_memory` serves blocks of up to 32 MiB from the heap and keeps freed heap
 memory for reuse (no trimming below 1 GiB), so the next step reuses the same pages. Peak memory
@@ -12,8 +12,7 @@ peak heap until it exits, which a stage process does.
 
 The CLI calls it once at start (``synthgen <stage>``); importing this module changes nothing, and
 the library (e.g. ``SynthgenSampler`` in a notebook) does not change its host process's malloc: call
-it there yourself.
-Settings a user gave (``MALLOC_*_`` variables or a ``glibc.malloc`` tunable) are left alone, and
+it there yourself. Settings a user gave (``MALLOC_*_`` variables or a ``glibc.malloc`` tunable) are left alone, and
 ``SYNTHGEN_HOST_MEMORY=default`` keeps glibc's own behaviour.
 """
 
@@ -39,7 +38,8 @@ def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
     """Set glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this process.
 
     Returns True when both settings took effect; False (and changes nothing) on a C library
-    without ``mallopt`` (macOS, musl, Windows), or when the environment configures malloc itself.
+    that does not take glibc's ``mallopt`` settings (macOS, musl, Windows), or when the environment
+    configures malloc itself.
     """
     if user_configured(dict(os.environ) if environ is None else environ):
         return False
