@@ -39,7 +39,6 @@ WORKLOADS = ("cvae", "grouped-cnn", "one-cnn")
 
 def run_workload(name: str, steps: int, source: Path) -> dict:
     """In this process: the workload's images per second, with page faults and system time per step of the timed run."""
-    import numpy as np
     import torch
 
     from synthgen.host_memory import keep_freed_memory
@@ -55,15 +54,11 @@ def run_workload(name: str, steps: int, source: Path) -> dict:
         fresh_run("cvae", True, cpu_has_native_bf16(), 20, x, y)  # warm-up: oneDNN primitives, first allocations
         work, images_per_step = (lambda: fresh_run("cvae", True, cpu_has_native_bf16(), steps, x, y)), 64
     else:
-        from sklearn.datasets import load_digits
-
-        from synthgen.data import random_per_class
         from synthgen.models.members import fit_members
+        from synthgen.sources import load_source
 
-        digits = load_digits()
-        rows = random_per_class(digits.target, [50, 32, 21, 14, 9, 6, 4, 2, 2, 1], 0)
-        x = np.round(digits.images[rows] * 255 / 16).astype(np.uint8)[..., None]
-        y = digits.target[rows]
+        demo = load_source("digits-long-tail")  # the built-in demo's training images
+        x, y = demo.x, demo.y
         seeds = list(range(30 if name == "grouped-cnn" else 1))
         recipe = dict(n_classes=10, width=16, balanced=True, augment=True, batched=True)
         fit_members(x, y, seeds, steps=20, **recipe)

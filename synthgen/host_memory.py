@@ -12,14 +12,15 @@ peak heap until it exits, which a stage process does.
 
 The CLI calls it once at start (``synthgen <stage>``); importing this module changes nothing, and
 the library (e.g. ``SynthgenSampler`` in a notebook) does not change its host process's malloc: call
-it there yourself. Settings a user gave (``MALLOC_*_`` variables or a ``glibc.malloc`` tunable) are left alone, and
-``SYNTHGEN_HOST_MEMORY=default`` keeps glibc's own behaviour.
+it there yourself. Settings a user gave (``MALLOC_*_`` variables or a ``glibc.malloc`` tunable) are
+left alone, and ``SYNTHGEN_HOST_MEMORY=default`` keeps glibc's own behaviour.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (half its heap size)
@@ -28,20 +29,20 @@ OPT_OUT = "SYNTHGEN_HOST_MEMORY"
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
-def user_configured(environ: dict[str, str]) -> bool:
+def user_configured(environ: Mapping[str, str]) -> bool:
     """Whether the environment already sets glibc's malloc, or opts out of this module."""
     return (environ.get(OPT_OUT, "").lower() == "default" or any(name in environ for name in USER_SETTINGS)
             or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""))
 
 
-def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
+def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     """Set glibc's mmap threshold to 32 MiB and its trim threshold to 1 GiB for this process.
 
     Returns True when both settings took effect; False (and changes nothing) on a C library
     that does not take glibc's ``mallopt`` settings (macOS, musl, Windows), or when the environment
     configures malloc itself.
     """
-    if user_configured(dict(os.environ) if environ is None else environ):
+    if user_configured(os.environ if environ is None else environ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the running process's own symbols: glibc's on Linux

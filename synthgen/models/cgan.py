@@ -133,7 +133,12 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     kernel = transposed_kernel(conv.weight)
     if x.is_contiguous(memory_format=torch.channels_last):
         kernel = kernel.contiguous(memory_format=torch.channels_last)
-    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)
+    return transposed_upsample(x, kernel, conv.bias)
+
+
+def transposed_upsample(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(N, C_in, h, w) -> (N, C_out, 2h, 2w) with a :func:`transposed_kernel` (the stride and padding it was built for)."""
+    return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
 
 
 def upsample_conv_reference(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

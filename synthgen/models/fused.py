@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from synthgen.models.cgan import ConditionalBatchNorm, Generator, center_crop, transposed_kernel
+from synthgen.models.cgan import ConditionalBatchNorm, Generator, center_crop, transposed_kernel, transposed_upsample
 
 
 def fold_norm(norm: ConditionalBatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +77,6 @@ class FusedGenerator(nn.Module):
         h = h.view(len(z), -1, *self.base_size).contiguous(memory_format=torch.channels_last)  # (N, C0, h0, w0)
         for i in range(self.n_levels):
             h = affine_relu_(h, getattr(self, f"scale{i}")[labels], getattr(self, f"shift{i}")[labels])
-            h = F.conv_transpose2d(h, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), stride=2, padding=1)
+            h = transposed_upsample(h, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"))
         h = self.out_conv(affine_relu_(h, self.out_scale[labels], self.out_shift[labels]))
         return center_crop(h, self.image_size)
