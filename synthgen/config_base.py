@@ -79,6 +79,10 @@ class VAEGANSection(CVAESection):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of decoder weights used for sampling.")
     diffaugment: str = Field("translation,cutout", description="DiffAugment ops on everything D sees.")
     lecam_weight: float = Field(0.1, ge=0, description="LeCam regulariser of D (0: off).")
+    interpolation_noise: float | None = Field(
+        1.0, ge=0, description="D also judges decodes between the codes of two images of a class in the batch plus this "
+        "much N(0, I) noise, what `generate` decodes (generate.latent_noise); null: D judges reconstructions only."
+    )
 
     @model_validator(mode="after")
     def _known_ops(self) -> "VAEGANSection":

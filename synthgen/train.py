@@ -89,7 +89,7 @@ def model_step(config: TrainConfig, state: TrainState, real: torch.Tensor, batch
         losses = vaegan.train_step(
             state.network, state.optimizers, real, batch_labels, state.rng, state.step,
             cvae.kl_weight_at(state.step, section.kl_weight, section.kl_warmup_steps), section.adversarial_weight,
-            parse_policy(section.diffaugment), section.ema_decay, section.lecam_weight, **state.parallel,
+            parse_policy(section.diffaugment), section.ema_decay, section.lecam_weight, section.interpolation_noise, **state.parallel,
         )
     else:
         kl_weight = cvae.kl_weight_at(state.step, config.cvae.kl_weight, config.cvae.kl_warmup_steps)

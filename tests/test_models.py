@@ -280,3 +280,36 @@ def test_cgan_train_step_with_mode_seeking_logs_the_term_and_trains():
     assert "loss_ms" not in cgan.train_step(network, optimizers, real, labels, torch.Generator().manual_seed(0), 1, (), 0.999)
     single = cgan.train_step(network, optimizers, real[:1], labels[:1], torch.Generator().manual_seed(0), 2, (), 0.999, mode_seeking_weight=1.0)
     assert "loss_ms" not in single and torch.isfinite(single["loss_g"])  # a batch of one has no pair: no NaN
+
+
+def test_batch_interpolations_pair_each_code_with_a_classmate_or_itself():
+    from synthgen.models.vaegan import batch_interpolations
+
+    codes = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, -10.0]] * 20)
+    labels = torch.tensor([0, 0, 1] * 20)
+    z = batch_interpolations(codes, labels, 0.0, torch.Generator().manual_seed(0))
+    zeros, twos = z[0::3], z[1::3]
+    for part in (zeros, twos):  # class 0's rows stay on the segment between its two codes
+        assert torch.all(part >= 0) and torch.all(part <= 2) and torch.allclose(part[:, 0], part[:, 1])
+    assert torch.cat([zeros, twos])[:, 0].std() > 0.3  # spread along it, not piled on the row's own code
+    assert torch.equal(z[2::3], codes[2::3])  # class 1 has one code: no partner but itself
+    noisy = batch_interpolations(codes, labels, 0.5, torch.Generator().manual_seed(0))
+    assert (noisy - z).abs().max() > 0.1 and torch.isfinite(noisy).all()
+
+
+@pytest.mark.parametrize("interpolation_noise", [None, 1.0])
+def test_vaegan_discriminator_judges_decodes_between_codes_only_when_asked(interpolation_noise):
+    from synthgen.models import vaegan
+
+    config = vaegan.VAEGANConfig(n_classes=2, image_shape=(1, 8, 8), latent_dim=4, base_channels=4)
+    torch.manual_seed(0)
+    model = vaegan.VAEGAN(config)
+    optimizers = vaegan.build_optimizers(model, 1e-3, 2e-4)
+    decoded = []
+    hook = model.vae.decoder.register_forward_hook(lambda module, inputs, output: decoded.append(len(output)))
+    real, labels = torch.rand(8, 1, 8, 8) * 2 - 1, torch.tensor([0, 1] * 4)
+    losses = vaegan.train_step(model, optimizers, real, labels, torch.Generator().manual_seed(0), 0, 0.5, 0.1, ("translation",),
+                               0.999, 0.1, interpolation_noise)
+    hook.remove()
+    assert all(torch.isfinite(value) for value in losses.values())
+    assert decoded == ([8] if interpolation_noise is None else [8, 8])  # reconstructions, then the decodes between codes

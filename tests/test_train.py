@@ -283,7 +283,7 @@ def test_config_validation():
 
 
 @pytest.mark.slow  # four processes importing torch: about a minute each on 2 shared cores
-@pytest.mark.parametrize("kind", ["cgan", "cvae"])
+@pytest.mark.parametrize("kind", ["cgan", "cvae", "vaegan"])  # vaegan: its decoder also runs outside the DDP wrapper
 def test_ddp_two_processes_with_torchrun(prepared_dir, tmp_path, kind):
     """`torchrun --nproc_per_node 2` (gloo on CPU): rank 0 writes the outputs; a rerun resumes on both ranks."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -12,6 +12,12 @@ so that its outputs are pushed toward the real-image manifold while the reconstr
 each output tied to the image it encodes: the adversarial term cannot collapse a class onto a
 few modes, because every real image must still be reconstructed. Sampling uses an EMA of the
 decoder, and the discriminator comes with the generator (``has_discriminator``).
+
+``generate`` does not decode reconstructions: it decodes codes between two encoded images of a
+class plus noise (``interpolate`` sampling). So with ``interpolation_noise`` set, D also judges
+such decodes, made from the batch's own codes (:func:`batch_interpolations`; half of D's fakes,
+and a second adversarial term of the decoder), and the decoder learns to render the region it is
+sampled from, not only the codes of the training images (as Larsen et al. 2016 judge prior draws).
 """
 
 from __future__ import annotations
@@ -63,22 +69,36 @@ def train_step(
     policy: tuple[str, ...],
     ema_decay: float,
     lecam_weight: float = 0.0,
+    interpolation_noise: float | None = None,
     vae_net: nn.Module | None = None,
     discriminator_net: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One discriminator step on real vs reconstructed (N, C, H, W) images, then one VAE step on
-    the negative ELBO plus the adversarial term. ``vae_net`` / ``discriminator_net``: e.g. DDP wrappers."""
+    """One discriminator step on real vs generated (N, C, H, W) images, then one VAE step on the
+    negative ELBO plus the adversarial term. Generated: the reconstructions, or with
+    ``interpolation_noise`` set, half reconstructions and half decodes between codes of the batch
+    (the decoder's adversarial term then covers all of both). ``vae_net`` / ``discriminator_net``:
+    e.g. DDP wrappers."""
     vae = vae_net if vae_net is not None else model.vae
     discriminator = discriminator_net if discriminator_net is not None else model.discriminator
     noise = torch.randn(len(real), model.config.latent_dim, generator=rng).to(real.device)
     with autocast(real.device):
         logits, mu, logvar = vae(real, labels, noise)
     fake = cvae.output_activation(logits.float())
-    losses = cgan.discriminator_update(discriminator, optimizers["discriminator"], real, fake.detach(), labels, rng, policy,
+    fakes, fake_labels = fake, labels
+    if interpolation_noise is not None:
+        codes = batch_interpolations(mu.detach().float(), labels, interpolation_noise, rng)
+        with autocast(real.device):
+            between = cvae.output_activation(model_decoder(vae)(codes, labels).float())
+        half = len(real) // 2  # D's fakes keep the batch size: reconstructions, then decodes between codes
+        fake_for_d = torch.cat([fake[:half], between[half:]])
+        fakes, fake_labels = torch.cat([fake, between]), torch.cat([labels, labels])
+    else:
+        fake_for_d = fake
+    losses = cgan.discriminator_update(discriminator, optimizers["discriminator"], real, fake_for_d.detach(), labels, rng, policy,
                                        lecam_weight, model.lecam_anchors)
     loss, recon, kl = cvae.cvae_loss(logits.float(), real, mu.float(), logvar.float(), kl_weight)
     with autocast(real.device):
-        adversarial = cgan.hinge_generator_loss(discriminator(diff_augment(fake, policy, rng), labels).float())
+        adversarial = cgan.hinge_generator_loss(discriminator(diff_augment(fakes, policy, rng), fake_labels).float())
     pixels = real[0].numel()
     total = loss + adversarial_weight * pixels * adversarial
     optimizers["vae"].zero_grad(set_to_none=True)
@@ -86,6 +106,24 @@ def train_step(
     optimizers["vae"].step()
     cgan.update_ema(model.ema_decoder, model.vae.decoder, ema_decay, step)
     return {**losses, "loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "loss_g": adversarial.detach()}
+
+
+def model_decoder(vae: nn.Module) -> nn.Module:
+    """The decoder of a CVAE, or of one wrapped by DDP (which calls it outside the wrapper's forward)."""
+    return getattr(vae, "module", vae).decoder
+
+
+def batch_interpolations(codes: torch.Tensor, labels: torch.Tensor, noise_scale: float, rng: torch.Generator) -> torch.Tensor:
+    """(N, D) codes of a batch -> (N, D): each row's code moved toward the code of a random row of its class
+    (itself when it is the class's only row) by t ~ U(0, 1), plus ``noise_scale`` x N(0, I), as
+    ``interpolate`` sampling draws them from the latent bank. Draws come from ``rng`` (CPU)."""
+    n, device = len(labels), codes.device
+    scores = torch.rand(n, n, generator=rng).to(device)
+    same_class = labels[:, None] == labels[None, :]
+    partner = scores.masked_fill(~same_class, -1.0).argmax(1)  # a uniform pick among the row's classmates
+    t = torch.rand(n, 1, generator=rng).to(device)
+    noise = torch.randn(n, codes.shape[1], generator=rng).to(device)
+    return (1 - t) * codes + t * codes[partner] + noise_scale * noise
 
 
 @torch.no_grad()
