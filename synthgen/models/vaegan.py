@@ -115,7 +115,7 @@ def model_decoder(vae: nn.Module) -> nn.Module:
 
 def batch_interpolations(codes: torch.Tensor, labels: torch.Tensor, noise_scale: float, rng: torch.Generator) -> torch.Tensor:
     """(N, D) codes of a batch -> (N, D): each row's code moved toward the code of a random row of its class
-    (itself when it is the class's only row) by t ~ U(0, 1), plus ``noise_scale`` x N(0, I), as
+    (any of them, itself included: a class's only row stays on its own code) by t ~ U(0, 1), plus ``noise_scale`` x N(0, I), as
     ``interpolate`` sampling draws them from the latent bank. Draws come from ``rng`` (CPU)."""
     n, device = len(labels), codes.device
     scores = torch.rand(n, n, generator=rng).to(device)
