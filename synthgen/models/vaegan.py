@@ -88,7 +88,8 @@ def train_step(
     if interpolation_noise is not None:
         codes = batch_interpolations(mu.detach().float(), labels, interpolation_noise, rng)
         with autocast(real.device):
-            between = cvae.output_activation(model_decoder(vae)(codes, labels).float())
+            # the module itself: under DDP, vae_net wraps model.vae, whose decoder this is
+            between = cvae.output_activation(model.vae.decoder(codes, labels).float())
         half = len(real) // 2  # D's fakes keep the batch size: reconstructions, then decodes between codes
         fake_for_d = torch.cat([fake[:half], between[half:]])
         fakes, fake_labels = torch.cat([fake, between]), torch.cat([labels, labels])
@@ -106,11 +107,6 @@ def train_step(
     optimizers["vae"].step()
     cgan.update_ema(model.ema_decoder, model.vae.decoder, ema_decay, step)
     return {**losses, "loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "loss_g": adversarial.detach()}
-
-
-def model_decoder(vae: nn.Module) -> nn.Module:
-    """The decoder of a CVAE, or of one wrapped by DDP (which calls it outside the wrapper's forward)."""
-    return getattr(vae, "module", vae).decoder
 
 
 def batch_interpolations(codes: torch.Tensor, labels: torch.Tensor, noise_scale: float, rng: torch.Generator) -> torch.Tensor:
