@@ -40,7 +40,7 @@ from synthgen import train as train_stage
 from synthgen.config import load_config
 from synthgen.data import load_prepared
 from synthgen.tensors import to_uint8
-from synthgen.models import DEFAULT_LATENT_NOISE, load_generator
+from synthgen.models import load_generator
 from synthgen.models.classifier import CNNClassifier
 from synthgen.quality import frechet_distance
 
@@ -50,10 +50,11 @@ def mean_pairwise(features: np.ndarray) -> float:
 
 
 def score_generator(generator, real_x: np.ndarray, real_y: np.ndarray, n_per_class: int, classifier: CNNClassifier, seed: int = 0,
-                    latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE) -> dict:
+                    latent: str = "prior", latent_noise: float | None = None, borrow_below: int = 0) -> dict:
     """CAS-style accuracy and per-class feature-space diversity ratio of ``generator``'s samples."""
     labels = torch.arange(generator.n_classes).repeat_interleave(n_per_class)
-    samples = to_uint8(generator.sample(labels, torch.Generator().manual_seed(seed), latent=latent, latent_noise=latent_noise))
+    samples = to_uint8(generator.sample(labels, torch.Generator().manual_seed(seed), latent=latent, latent_noise=latent_noise,
+                                        borrow_below=borrow_below))
     predicted = classifier.predict(samples)
     fake_features, real_features = classifier.transform(samples), classifier.transform(real_x)
     per_class = {}
@@ -110,7 +111,8 @@ def main(
     generator = load_generator(work / "models" / config.train.model / "generator.pt")
     latent = generate.resolve_latent(config.generate.latent, generator)  # what `synthgen generate` will use
     scores = score_generator(generator, prepared.test.x, prepared.test.y, samples_per_class, classifier,
-                             latent=latent, latent_noise=config.generate.latent_noise)
+                             latent=latent, latent_noise=None if config.generate.latent_noise == "auto" else config.generate.latent_noise,
+                             borrow_below=config.generate.borrow_style_below)
 
     table = Table(title=f"train bench: {config.train.model}, {per_class}/class, {config.train.steps} steps, latent={latent} ({source})")
     for column in ("class", "CAS accuracy", "diversity ratio", "pixel diversity ratio"):

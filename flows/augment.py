@@ -69,7 +69,7 @@ class FlowParams(BaseModel):
     project_dir: str = Field(".", description="Directory holding dvc.yaml and params.yaml.")
     source: str | None = Field(None, description="data.source: 'digits', or a dataset path (ideally under data/raw/).")
     per_class: int | None = Field(None, ge=1, description="data.per_class: scarce real images per class.")
-    model: Literal["cgan", "cvae"] | None = Field(None, description="train.model")
+    model: Literal["cgan", "cvae", "vaegan"] | None = Field(None, description="train.model")
     train_steps: int | None = Field(None, ge=1, description="train.steps")
     balance: Literal["to_max", "to_count", "ratio"] | None = Field(None, description="generate.balance")
     count: int | None = Field(None, ge=0, description="generate.count (balance=to_count)")

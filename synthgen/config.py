@@ -126,8 +126,9 @@ class GenerateConfig(Section):
         "auto", description="Latent sampling: prior z ~ N(0, I); interpolate between encoded training images of the class "
         "(cVAE only); auto = interpolate when the generator has a latent bank (the cVAE), else prior."
     )
-    latent_noise: float = Field(
-        1.0, ge=0, description="interpolate: std of the Gaussian noise added to the interpolated code."
+    latent_noise: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="interpolate: std of the Gaussian noise added to the interpolated code; auto: the model's "
+        "own (cVAE 1.0; VAE-GAN 1.3, whose sharpened decoder turns noise into less variation)."
     )
     borrow_style_below: int = Field(
         5, ge=0, description="interpolate: a class with fewer training images than this interpolates between its own "

@@ -32,7 +32,6 @@ from synthgen.data import DataError, load_prepared
 from synthgen.device import autocast, resolve_device
 from synthgen.executor import map_shards
 from synthgen.io import atomic_dir, atomic_write_text, save_npz, write_json
-from synthgen.models import DEFAULT_LATENT_NOISE
 from synthgen.tensors import to_uint8
 
 
@@ -86,7 +85,7 @@ class ShardSpec:
     device: str
     out_path: str | None = None  # write the shard here and return a summary; None returns arrays
     latent: str = "prior"  # "prior" or "interpolate" (resolved from generate.latent, see resolve_latent)
-    latent_noise: float = DEFAULT_LATENT_NOISE
+    latent_noise: float | None = None  # None: the model's own (generate.latent_noise: auto)
     borrow_below: int = 0  # generate.borrow_style_below (interpolate only)
 
 
@@ -106,7 +105,7 @@ def resolve_latent(mode: str, model) -> str:
 
 
 def sample_batches(model, labels: np.ndarray, first_id: int, batch_size: int, seed: int, device: torch.device,
-                   latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE, borrow_below: int = 0) -> np.ndarray:
+                   latent: str = "prior", latent_noise: float | None = None, borrow_below: int = 0) -> np.ndarray:
     """Sample ``labels`` (ids ``first_id...``) batch by batch; returns uint8 (n, H, W, C)."""
     if first_id % batch_size:
         raise ValueError(f"first_id {first_id} is not a multiple of batch_size {batch_size}")
@@ -161,8 +160,9 @@ def request_labels(requests: np.ndarray) -> np.ndarray:
 
 def _spec(index: int, labels: np.ndarray, first_id: int, config: GenerateConfig, model_path, device: str, out_path: str | None,
           latent: str) -> ShardSpec:
+    noise = None if config.latent_noise == "auto" else config.latent_noise
     return ShardSpec(index, str(model_path), labels, first_id, config.batch_size, config.seed, device, out_path, latent,
-                     config.latent_noise, config.borrow_style_below)
+                     noise, config.borrow_style_below)
 
 
 def make_shard_specs(
@@ -210,7 +210,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     if not model_path.is_file():
         raise DataError(f"generator weights {model_path} not found: run `synthgen train` first")
     device = str(resolve_device(gen.device))
-    latent = resolve_latent(gen.latent, load_model(model_path, device))
+    model = load_model(model_path, device)
+    latent = resolve_latent(gen.latent, model)
     started = time.perf_counter()
     with atomic_dir(pool_dir) as tmp:
         specs = make_shard_specs(requests, 0, gen, model_path, device, tmp, latent=latent)
@@ -224,6 +225,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
             "model": config.train.model,
             "balance": gen.balance,
             "latent": latent,
+            "latent_noise": model.default_latent_noise if gen.latent_noise == "auto" else gen.latent_noise,
             "real": real_counts,
             "quotas": quotas,
             "requests": requests,

@@ -7,6 +7,7 @@ The repo is reproduced once per session, so flow runs here mostly find stages up
 from __future__ import annotations
 
 import hashlib
+import typing
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from flows.augment import FAIL_ONCE_VARIABLE, STAGES, FlowParams, StageFailed, apply_params, augment, build_deployment
-from synthgen.config import ConfigError
+from synthgen.config import ConfigError, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_RETRIES = {"retries": 2, "retry_delay_seconds": [0.1]}
@@ -50,6 +51,8 @@ def test_flow_params_are_validated_and_mapped_to_params_keys():
     params = FlowParams(model="cvae", count=30, classifier_threshold=0.7, overrides=["train.steps=5"])
     assert params.to_overrides() == ["train.model=cvae", "generate.count=30", "filter.classifier_threshold=0.7",
                                      "train.steps=5"]
+    for kind in typing.get_args(TrainConfig.model_fields["model"].annotation):  # the flow offers every model train does
+        assert FlowParams(model=kind).to_overrides() == [f"train.model={kind}"]
 
 
 def test_apply_params_keeps_comments_and_rejects_bad_keys(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,27 @@ def test_interpolate_sampling_seeded_saved_and_refused_without_bank(tmp_path):
         model.sample(labels, latent="posterior")
 
 
+@pytest.mark.parametrize("kind", ["cvae", "vaegan"])
+def test_interpolate_sampling_adds_the_models_own_noise_unless_given(kind):
+    """latent_noise=None (generate.latent_noise: auto) is the model's default: 1.0 for the cVAE, more for the VAE-GAN."""
+    from synthgen.config import GenerateConfig
+    from synthgen.generate import generate_candidates
+
+    model = _with_bank(build_generator(kind, 3, (1, 8, 8), base_channels=4, latent_dim=8), [4, 3, 2])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def draw(noise):
+        return model.sample(labels, torch.Generator().manual_seed(5), latent="interpolate", latent_noise=noise)
+
+    expected = {"cvae": 1.0, "vaegan": 1.3}[kind]
+    assert model.default_latent_noise == expected
+    assert torch.equal(draw(None), draw(expected)) and not torch.equal(draw(None), draw(expected + 0.5))
+    requests = np.array([2, 2, 2])
+    auto, explicit = (generate_candidates(model, requests, 0, GenerateConfig(latent_noise=noise), "cpu", "interpolate")
+                      for noise in ("auto", expected))
+    assert np.array_equal(auto["x"], explicit["x"])
+
+
 @pytest.mark.parametrize("size", [(4, 4), (7, 7), (3, 5), (1, 1)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_conv_as_one_transposed_conv_is_upsampling_then_the_3x3_conv(size, channels_last):
@@ -171,8 +193,8 @@ def test_upsample_conv_as_one_transposed_conv_is_upsampling_then_the_3x3_conv(si
         grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [source, conv.weight, conv.bias]))
     assert outputs[0].shape == (2, 3, 2 * size[0], 2 * size[1])
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
-    for actual, expected in zip(*grads):
-        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    for actual, expected in zip(*grads):  # sums of hundreds of O(1) terms: 1e-5 was beaten by rounding at 1 thread
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)  # a border bug is off by O(0.1)
 
 
 def test_a_channels_last_generator_keeps_its_maps_channels_last():

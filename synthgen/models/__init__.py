@@ -4,7 +4,7 @@
 model = load_generator("models/cgan/generator.pt", device)   # or build_generator("cvae", 10, (1, 8, 8))
 model.n_classes, model.image_shape                             # image_shape = (C, H, W)
 images = model.sample(class_labels, generator)                 # (N, C, H, W) float32 in [-1, 1]
-images = model.sample(class_labels, generator, latent="interpolate", latent_noise=1.0)  # cVAE: between real codes
+images = model.sample(class_labels, generator, latent="interpolate")  # cVAE, VAE-GAN: between real codes
 model.has_discriminator                                        # True for the cGAN
 scores = model.discriminator_score(images, class_labels)       # (N,), higher = more real
 ```
@@ -16,7 +16,8 @@ posterior means of the training images and their labels), the training step and 
 
 Sampling modes (``latent=``): ``prior`` draws z ~ N(0, I). ``interpolate`` (cVAE only) picks two
 training images of the requested class from the latent bank, takes z on the segment between
-their codes (t ~ U(0, 1)) and adds ``latent_noise`` x N(0, I): samples stay on the region of
+their codes (t ~ U(0, 1)) and adds ``latent_noise`` x N(0, I) (None: the model's own,
+``default_latent_noise``): samples stay on the region of
 latent space that real images occupy instead of the prior's holes, which on scarce data made the
 synthetic set far more useful downstream (docs/RESULTS.md). Rare classes also borrow codes of
 other classes (``borrow_below``, :func:`interpolate_codes`).
@@ -31,16 +32,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from synthgen.config import GenerateConfig
 from synthgen.device import autocast, inference_rows
 from synthgen.io import atomic_write_bytes
 from synthgen.models import cgan, cvae, fused, vaegan
 
 FORMAT = "synthgen-generator/1"
-DEFAULT_LATENT_NOISE = GenerateConfig.model_fields["latent_noise"].default  # one home: config.py
 MIN_CODES_TO_INTERPOLATE = 2  # one code gives only near-copies of its image (MNIST long tail: every candidate rejected)
 MODEL_KINDS = ("cgan", "cvae", "vaegan")
 CONFIG_CLASSES = {"cgan": cgan.CGANConfig, "cvae": cvae.CVAEConfig, "vaegan": vaegan.VAEGANConfig}
+SAMPLING_NOISE = {"cgan": cvae.SAMPLING_NOISE, "cvae": cvae.SAMPLING_NOISE, "vaegan": vaegan.SAMPLING_NOISE}  # cgan: unused
 
 
 class ConditionalGenerator:
@@ -96,12 +96,17 @@ class ConditionalGenerator:
         return cgan.output_activation(raw) if self.kind == "cgan" else cvae.output_activation(raw)  # vaegan: Bernoulli logits
 
     @property
+    def default_latent_noise(self) -> float:
+        """The noise ``interpolate`` sampling adds when none is given (generate.latent_noise: auto)."""
+        return SAMPLING_NOISE[self.kind]
+
+    @property
     def can_interpolate(self) -> bool:
         return self.latent_bank is not None and len(self.latent_bank[1]) > 0
 
     @torch.inference_mode()
     def sample(self, class_labels: torch.Tensor, generator: torch.Generator | None = None,
-               latent: str = "prior", latent_noise: float = DEFAULT_LATENT_NOISE, borrow_below: int = 0) -> torch.Tensor:
+               latent: str = "prior", latent_noise: float | None = None, borrow_below: int = 0) -> torch.Tensor:
         """(N,) class ids -> (N, C, H, W) float32 images in [-1, 1]. Noise is drawn from ``generator``
         on its own device (a CPU generator gives the same noise on every device). ``latent``:
         ``prior`` or ``interpolate`` (module docstring); ``borrow_below``: see :func:`interpolate_codes`."""
@@ -116,7 +121,8 @@ class ConditionalGenerator:
         if latent == "interpolate":
             if not self.can_interpolate:
                 raise ValueError(f"latent='interpolate' needs a latent bank of encoded training images (a cVAE); this {self.kind} has none")
-            noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), latent_noise, generator, borrow_below)
+            scale = self.default_latent_noise if latent_noise is None else latent_noise
+            noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), scale, generator, borrow_below)
         elif latent != "prior":
             raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
         noise, labels = noise.to(device), labels.to(device)

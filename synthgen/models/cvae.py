@@ -19,6 +19,9 @@ from synthgen.device import autocast
 from synthgen.models.cgan import CGANConfig, Generator, level_channels, n_resamplings
 
 
+SAMPLING_NOISE = 1.0  # interpolate sampling's default noise (generate.latent_noise: auto): within-class spread ~ real's
+
+
 @dataclass(frozen=True)
 class CVAEConfig:
     n_classes: int
