@@ -124,7 +124,7 @@ class GenerateConfig(Section):
     min_per_class: int = Field(100, ge=0, description="Every class's quota is at least this (balanced data has no to_max deficit).")
     latent: Literal["auto", "prior", "interpolate"] = Field(
         "auto", description="Latent sampling: prior z ~ N(0, I); interpolate between encoded training images of the class "
-        "(cVAE only); auto = interpolate when the generator has a latent bank (the cVAE), else prior."
+        "(cVAE, VAE-GAN); auto = interpolate when the generator has a latent bank (cVAE, VAE-GAN), else prior."
     )
     latent_noise: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="interpolate: std of the Gaussian noise added to the interpolated code; auto: the model's "

@@ -81,7 +81,8 @@ class VAEGANSection(CVAESection):
     lecam_weight: float = Field(0.1, ge=0, description="LeCam regulariser of D (0: off).")
     interpolation_noise: float | None = Field(
         1.0, ge=0, description="D also judges decodes between the codes of two images of a class in the batch plus this "
-        "much N(0, I) noise, what `generate` decodes (generate.latent_noise); null: D judges reconstructions only."
+        "much N(0, I) noise, the kind of code `generate` decodes; null: D judges reconstructions only. (Generation then samples "
+        "at 1.3, generate.latent_noise: auto: with D at 1.0 the decoder's samples at 1.0 fell short of the real spread.)"
     )
 
     @model_validator(mode="after")

@@ -100,7 +100,7 @@ def resolve_latent(mode: str, model) -> str:
     if mode == "auto":
         return "interpolate" if model.can_interpolate else "prior"
     if mode == "interpolate" and not model.can_interpolate:
-        raise DataError(f"generate.latent=interpolate needs a cVAE generator with a latent bank; this {model.kind} has none (use prior or auto)")
+        raise DataError(f"generate.latent=interpolate needs a generator with a latent bank (cvae, vaegan); this {model.kind} has none (use prior or auto)")
     return mode
 
 
@@ -225,7 +225,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
             "model": config.train.model,
             "balance": gen.balance,
             "latent": latent,
-            "latent_noise": model.default_latent_noise if gen.latent_noise == "auto" else gen.latent_noise,
+            "latent_noise": None if latent == "prior" else model.default_latent_noise if gen.latent_noise == "auto" else gen.latent_noise,
             "real": real_counts,
             "quotas": quotas,
             "requests": requests,

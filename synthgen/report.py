@@ -170,7 +170,8 @@ def render_markdown(metrics: dict, card: dict) -> str:
         f"Model `{generator.get('model')}`, checkpoint `{generator.get('path')}`, sha256 `{generator.get('sha256')}`, "
         f"{generator.get('steps')} steps. Sampling: `generate.latent={generate_params.get('latent')}` "
         f"(auto: between encoded training images of the class for the cVAE and VAE-GAN, prior draws for the cGAN), "
-        f"`latent_noise={generate_params.get('latent_noise')}` (auto: the model's own, cVAE 1.0, VAE-GAN 1.3).",
+        f"`latent_noise={generate_params.get('latent_noise')}`"
+        + (" (the model's own: cVAE 1.0, VAE-GAN 1.3)." if generate_params.get("latent_noise") == "auto" else "."),
         "",
         "## Filtering",
         "",

@@ -187,4 +187,5 @@ def test_latent_mode_resolution_and_interpolated_pool(tiny_prepared, models_root
         config = tiny_config(**{"train.model": "cvae", "generate.latent": latent})
         summaries[latent] = generate.main(config, tiny_prepared, tmp_path / "models", tmp_path / f"pool-{latent}")
     assert summaries["auto"]["latent"] == "interpolate" and summaries["prior"]["latent"] == "prior"
+    assert summaries["auto"]["latent_noise"] == 1.0 and summaries["prior"]["latent_noise"] is None  # the noise used, if any
     assert not np.array_equal(artifacts.load_pool(tmp_path / "pool-auto").x, artifacts.load_pool(tmp_path / "pool-prior").x)

@@ -171,9 +171,9 @@ def test_interpolate_sampling_adds_the_models_own_noise_unless_given(kind):
     assert model.default_latent_noise == expected
     assert torch.equal(draw(None), draw(expected)) and not torch.equal(draw(None), draw(expected + 0.5))
     requests = np.array([2, 2, 2])
-    auto, explicit = (generate_candidates(model, requests, 0, GenerateConfig(latent_noise=noise), "cpu", "interpolate")
-                      for noise in ("auto", expected))
-    assert np.array_equal(auto["x"], explicit["x"])
+    auto, explicit, other = (generate_candidates(model, requests, 0, GenerateConfig(latent_noise=noise), "cpu", "interpolate")
+                             for noise in ("auto", expected, expected + 0.5))
+    assert np.array_equal(auto["x"], explicit["x"]) and not np.array_equal(auto["x"], other["x"])
 
 
 @pytest.mark.parametrize("size", [(4, 4), (7, 7), (3, 5), (1, 1)])

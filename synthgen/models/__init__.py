@@ -14,7 +14,7 @@ model kind, its config dataclass as a dict, the sampling network's weights (the 
 for the cGAN, the decoder for the cVAE), the cGAN discriminator, the cVAE's latent bank (the
 posterior means of the training images and their labels), the training step and the train config.
 
-Sampling modes (``latent=``): ``prior`` draws z ~ N(0, I). ``interpolate`` (cVAE only) picks two
+Sampling modes (``latent=``): ``prior`` draws z ~ N(0, I). ``interpolate`` (cVAE, VAE-GAN) picks two
 training images of the requested class from the latent bank, takes z on the segment between
 their codes (t ~ U(0, 1)) and adds ``latent_noise`` x N(0, I) (None: the model's own,
 ``default_latent_noise``): samples stay on the region of

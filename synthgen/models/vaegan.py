@@ -36,7 +36,8 @@ from synthgen.models.diffaugment import diff_augment
 # The adversarial term sharpens the decoder and with it narrows what noise does: at the cVAE's 1.0
 # its samples fell short of the real within-class spread (MNIST 20/class: feature-space diversity
 # 0.77 in the worst class); at 1.3 every class reached 0.85 at 0.47x the cVAE's Frechet distance
-# (bench/bench_train.py, docs/RESULTS.md). generate.latent_noise: auto uses this.
+# (bench/bench_train.py, docs/RESULTS.md), with D judging decodes at interpolation_noise 1.0 in
+# training. generate.latent_noise: auto uses this.
 SAMPLING_NOISE = 1.3
 
 
