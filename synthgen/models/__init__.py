@@ -120,7 +120,7 @@ class ConditionalGenerator:
         noise = torch.randn(len(labels), self.latent_dim, generator=generator, device=noise_device)
         if latent == "interpolate":
             if not self.can_interpolate:
-                raise ValueError(f"latent='interpolate' needs a latent bank of encoded training images (a cVAE); this {self.kind} has none")
+                raise ValueError(f"latent='interpolate' needs a latent bank of encoded training images (cvae, vaegan); this {self.kind} has none")
             scale = self.default_latent_noise if latent_noise is None else latent_noise
             noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), scale, generator, borrow_below)
         elif latent != "prior":
