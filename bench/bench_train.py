@@ -111,7 +111,7 @@ def main(
     generator = load_generator(work / "models" / config.train.model / "generator.pt")
     latent = generate.resolve_latent(config.generate.latent, generator)  # what `synthgen generate` will use
     scores = score_generator(generator, prepared.test.x, prepared.test.y, samples_per_class, classifier,
-                             latent=latent, latent_noise=None if config.generate.latent_noise == "auto" else config.generate.latent_noise,
+                             latent=latent, latent_noise=generate.requested_latent_noise(config.generate),
                              borrow_below=config.generate.borrow_style_below)
 
     table = Table(title=f"train bench: {config.train.model}, {per_class}/class, {config.train.steps} steps, latent={latent} ({source})")

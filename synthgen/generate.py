@@ -158,11 +158,15 @@ def request_labels(requests: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(requests), dtype=np.int64), requests)
 
 
+def requested_latent_noise(config: GenerateConfig) -> float | None:
+    """``generate.latent_noise`` as sampling takes it: None (the model's own noise) for auto."""
+    return None if config.latent_noise == "auto" else config.latent_noise
+
+
 def _spec(index: int, labels: np.ndarray, first_id: int, config: GenerateConfig, model_path, device: str, out_path: str | None,
           latent: str) -> ShardSpec:
-    noise = None if config.latent_noise == "auto" else config.latent_noise
     return ShardSpec(index, str(model_path), labels, first_id, config.batch_size, config.seed, device, out_path, latent,
-                     noise, config.borrow_style_below)
+                     requested_latent_noise(config), config.borrow_style_below)
 
 
 def make_shard_specs(
@@ -212,6 +216,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     device = str(resolve_device(gen.device))
     model = load_model(model_path, device)
     latent = resolve_latent(gen.latent, model)
+    noise = requested_latent_noise(gen)
     started = time.perf_counter()
     with atomic_dir(pool_dir) as tmp:
         specs = make_shard_specs(requests, 0, gen, model_path, device, tmp, latent=latent)
@@ -225,7 +230,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
             "model": config.train.model,
             "balance": gen.balance,
             "latent": latent,
-            "latent_noise": None if latent == "prior" else model.default_latent_noise if gen.latent_noise == "auto" else gen.latent_noise,
+            "latent_noise": None if latent == "prior" else model.default_latent_noise if noise is None else noise,
             "real": real_counts,
             "quotas": quotas,
             "requests": requests,
