@@ -21,7 +21,8 @@ the same filters on classes with at least ``--judge-min`` real images only (on a
 they can only say how far a sample is from those few images), and the stage's own thresholds with the discriminator
 on those classes only, or with every filter on those classes only; the same share cut from the top instead (the most real-looking, most typical samples); and the
 confidence filter at fixed cuts (``--probabilities``: only samples the real-data classifier gives
-less than p for their class); instead of the first candidates, a spread-out subset (greedy k-center
+less than p for their class), alone and as the stage's cut lowered to p with the other two filters
+(what ``filter.classifier_threshold: p`` selects); instead of the first candidates, a spread-out subset (greedy k-center
 in pixel space, per class); a placebo that rejects as many candidates per class as the first
 ``--quantiles`` cut with confidence and novelty does (or as the stage's accepted set), at random
 (redrawn per order); the novelty filter at other multiples of each class's scale
@@ -142,6 +143,9 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
     confidence = manifest[SCORE_COLUMNS["classifier"]].to_numpy()
     for p in probabilities:
         masks[f"confidence rejects p(y) < {p:g}"] = confidence >= p
+        # the stage's filters, but the confidence filter rejects only what it also reads as below p (far surer of another class)
+        masks[f"the stage's filters with the confidence cut lowered to p(y) < {p:g}"] = (
+            passes["discriminator"] & (passes["classifier"] | (confidence >= p)) & passes["novelty"])
     return masks
 
 
