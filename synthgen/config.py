@@ -168,10 +168,7 @@ class FilterConfig(Section):
         "discriminator_quantile of their scores is the cap (at 100, the 2% cut rejected 0.5-4% of a class's candidates)."
     )
     classifier: bool = Field(True, description="Use the classifier-confidence filter.")
-    classifier_threshold: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
-        "auto", description="Min. probability of the conditioned class (after per-class calibration); auto: the model's "
-        "own (cVAE, cGAN 0.5; VAE-GAN 0.02, whose doubted samples are sharp, less typical members of their class)."
-    )
+    classifier_threshold: float = Field(0.5, ge=0, le=1, description="Min. probability of the conditioned class (after per-class calibration).")
     classifier_calibration: Literal["none", "per_class"] = Field(
         "per_class", description="per_class: t_c = min(threshold, classifier_quantile of p_c on real images of class c "
         "the classifier did not see: out-of-fold, or the val split)."

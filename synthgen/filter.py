@@ -78,22 +78,6 @@ def reference_samples(model, n_classes: int, config: FilterConfig, gen: Generate
     return GeneratedReference(learn["x"], learn["y"], calibrate["x"], calibrate["y"])
 
 
-# filter.classifier_threshold: auto -> the confidence filter's global cut for the model that drew the candidates.
-# MNIST 20 per class, 2 draws x 3 candidate orders (bench/bench_filter_ablation.py, docs/RESULTS.md): the cVAE's
-# samples that the real-data classifier doubts are blends of two digits, and rejecting those below 0.5 pays; the
-# VAE-GAN's are sharp, less typical members of their class, so that cut cost accuracy and only the samples it reads
-# as another class (p < 0.02) should go.
-CLASSIFIER_THRESHOLD = {"cgan": 0.5, "cvae": 0.5, "vaegan": 0.02}
-DEFAULT_CLASSIFIER_THRESHOLD = 0.5  # no model at hand (a filter fitted for real images alone)
-
-
-def classifier_threshold(config: FilterConfig, model) -> float:
-    """``filter.classifier_threshold`` as a number: auto is the cut of ``model``'s kind."""
-    if config.classifier_threshold != "auto":
-        return float(config.classifier_threshold)
-    return CLASSIFIER_THRESHOLD.get(getattr(model, "kind", None), DEFAULT_CLASSIFIER_THRESHOLD)
-
-
 def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, device: torch.device,
                    held_out: tuple[np.ndarray, np.ndarray] | None = None, n_classes: int | None = None,
                    fakes: GeneratedReference | None = None) -> dict:
@@ -118,7 +102,7 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
         filters["discriminator"] = DiscriminatorFilter(model, config.discriminator_quantile, device=str(device)).fit(*calibration)
     if config.classifier:
         filters["classifier"] = ConfidenceFilter(
-            n_classes, classifier_threshold(config, model), config.classifier_calibration, config.classifier_quantile,
+            n_classes, config.classifier_threshold, config.classifier_calibration, config.classifier_quantile,
             steps=config.classifier_steps, folds=config.calibration_folds, device=str(device), random_state=config.seed,
         ).fit(x, y, held_x, held_y)
     if config.novelty:
@@ -332,7 +316,6 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
                                             latent)
         summary = summarize(table, quotas, filters, prepared.class_names, history)
         summary["config"] = {"filter": config.filter.model_dump(), "max_rounds": config.generate.max_rounds}
-        summary["classifier_threshold"] = classifier_threshold(config.filter, model) if config.filter.classifier else None
         summary["calibration"] = calibration_note(prepared, filters)
         filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder,
                                      config.filter.write_workers)

@@ -85,15 +85,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def confidence_cut_text(filter_summary: dict | None) -> str:
-    """The confidence filter's global cut as used (``filter.classifier_threshold: auto`` resolves per model)."""
-    cut = (filter_summary or {}).get("classifier_threshold")
-    auto = ((filter_summary or {}).get("config") or {}).get("filter", {}).get("classifier_threshold") == "auto"
-    if cut is None:
-        return ""
-    return f" The confidence filter's global cut was {cut:g}" + (" (auto: the model's own)." if auto else ".")
-
-
 def filter_rows(filter_summary: dict | None) -> list[dict]:
     """Per-class counts before/after filtering and each filter's threshold/acceptance."""
     if not filter_summary:
@@ -185,8 +176,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
         "## Filtering",
         "",
         f"Thresholds calibrated on {card.get('calibration') or 'n/a'}. Counts before/after filtering. Filter params: "
-        + ", ".join(f"`{k}={v}`" for k, v in ((card.get("params") or {}).get("filter") or {}).items()) + "."
-        + confidence_cut_text(card.get("filter_summary")),
+        + ", ".join(f"`{k}={v}`" for k, v in ((card.get("params") or {}).get("filter") or {}).items()) + ".",
         "",
         ablation_text(metrics.get("filter_ablation")),
         "",

@@ -342,26 +342,3 @@ def test_posthoc_reference_draws_separate_images_to_calibrate_its_cap_on(tiny_pr
     np.testing.assert_array_equal(again.calibration_x, fakes.calibration_x)
     off = tiny_config(**{"filter.discriminator_source": "model"})
     assert flt.reference_samples(model, prepared.n_classes, off.filter, off.generate, "cpu", "prior") is None
-
-
-@pytest.mark.parametrize("kind", ["cgan", "cvae", "vaegan"])
-def test_classifier_threshold_auto_is_the_models_own_unless_a_number_is_given(kind):
-    """auto: the cut measured for the model that drew the candidates; a number overrides it for every model."""
-    model = build_generator(kind, 3, (1, 8, 8), base_channels=8)
-    assert flt.classifier_threshold(tiny_config().filter, model) == flt.CLASSIFIER_THRESHOLD[kind]
-    assert flt.classifier_threshold(tiny_config(**{"filter.classifier_threshold": 0.7}).filter, model) == 0.7
-    assert flt.classifier_threshold(tiny_config().filter, None) == flt.DEFAULT_CLASSIFIER_THRESHOLD  # no generator at hand
-    assert flt.CLASSIFIER_THRESHOLD["vaegan"] < flt.CLASSIFIER_THRESHOLD["cvae"]  # the VAE-GAN's doubted samples are kept
-
-
-def test_the_stage_cuts_confidence_at_the_models_own_threshold_and_records_it(tiny_prepared, models_root, pool_dir, tmp_path):
-    # calibration none: every class's threshold is the global cut itself, so the summary shows which one was used
-    summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "auto",
-                         **{"generate.max_rounds": 1, "filter.classifier_calibration": "none"})
-    assert summary["classifier_threshold"] == flt.CLASSIFIER_THRESHOLD["cgan"]
-    assert {entry["classifier_threshold"] for entry in summary["per_class"].values()} == {flt.CLASSIFIER_THRESHOLD["cgan"]}
-    assert summary["config"]["filter"]["classifier_threshold"] == "auto"
-    fixed = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "fixed",
-                       **{"generate.max_rounds": 1, "filter.classifier_calibration": "none", "filter.classifier_threshold": 0.2})
-    assert fixed["classifier_threshold"] == 0.2
-    assert {entry["classifier_threshold"] for entry in fixed["per_class"].values()} == {0.2}

@@ -78,11 +78,3 @@ def test_sample_grid_one_row_per_class(tiny_prepared, tmp_path):
     # 4 tiles of 8 px upscaled x4 + padding across, 10 class rows down
     assert width == 4 * 33 + 1 and height == 10 * 33 + 1
     assert np.asarray(Image.open(tmp_path / "grid.png")).std() > 0
-
-
-def test_the_report_says_which_confidence_cut_was_used():
-    auto = {"classifier_threshold": 0.02, "config": {"filter": {"classifier_threshold": "auto"}}}
-    assert "cut was 0.02 (auto: the model's own)." in report.confidence_cut_text(auto)
-    fixed = {"classifier_threshold": 0.7, "config": {"filter": {"classifier_threshold": 0.7}}}
-    assert report.confidence_cut_text(fixed) == " The confidence filter's global cut was 0.7."
-    assert report.confidence_cut_text({"classifier_threshold": None}) == "" and report.confidence_cut_text(None) == ""
