@@ -143,7 +143,7 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
     confidence = manifest[SCORE_COLUMNS["classifier"]].to_numpy()
     for p in probabilities:
         masks[f"confidence rejects p(y) < {p:g}"] = confidence >= p
-        # the stage's filters, but the confidence filter rejects only what it also reads as below p (far surer of another class)
+        # the stage's filters, but the confidence filter rejects only the samples it also gives less than p for their class
         masks[f"the stage's filters with the confidence cut lowered to p(y) < {p:g}"] = (
             passes["discriminator"] & (passes["classifier"] | (confidence >= p)) & passes["novelty"])
     return masks
