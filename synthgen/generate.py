@@ -216,7 +216,6 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     device = str(resolve_device(gen.device))
     model = load_model(model_path, device)
     latent = resolve_latent(gen.latent, model)
-    noise = requested_latent_noise(gen)
     started = time.perf_counter()
     with atomic_dir(pool_dir) as tmp:
         specs = make_shard_specs(requests, 0, gen, model_path, device, tmp, latent=latent)
@@ -230,7 +229,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
             "model": config.train.model,
             "balance": gen.balance,
             "latent": latent,
-            "latent_noise": None if latent == "prior" else model.default_latent_noise if noise is None else noise,
+            "latent_noise": model.latent_noise_used(latent, requested_latent_noise(gen)),
             "real": real_counts,
             "quotas": quotas,
             "requests": requests,

@@ -100,6 +100,12 @@ class ConditionalGenerator:
         """The noise ``interpolate`` sampling adds when none is given (generate.latent_noise: auto)."""
         return SAMPLING_NOISE[self.kind]
 
+    def latent_noise_used(self, latent: str, latent_noise: float | None) -> float | None:
+        """The noise ``sample(latent=..., latent_noise=...)`` adds: None for prior draws, the model's own for None."""
+        if latent == "prior":
+            return None
+        return self.default_latent_noise if latent_noise is None else latent_noise
+
     @property
     def can_interpolate(self) -> bool:
         return self.latent_bank is not None and len(self.latent_bank[1]) > 0
@@ -121,7 +127,7 @@ class ConditionalGenerator:
         if latent == "interpolate":
             if not self.can_interpolate:
                 raise ValueError(f"latent='interpolate' needs a latent bank of encoded training images (cvae, vaegan); this {self.kind} has none")
-            scale = self.default_latent_noise if latent_noise is None else latent_noise
+            scale = self.latent_noise_used(latent, latent_noise)
             noise = interpolate_codes(self.latent_bank, labels.cpu(), noise.cpu(), scale, generator, borrow_below)
         elif latent != "prior":
             raise ValueError(f"unknown latent sampling {latent!r}; choose prior or interpolate")
