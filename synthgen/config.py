@@ -191,7 +191,7 @@ class FilterConfig(Section):
     )
     discriminator_min_class_images: int | None = Field(
         20, ge=1, description="The discriminator judges only classes with at least this many real training images, "
-        "or as many as the largest class (null: filter.min_class_images). On a long tail, trained on a few images of a "
+        "or as many as the largest class, and never fewer than filter.min_class_images (null: filter.min_class_images). On a long tail, trained on a few images of a "
         "rare class, it calls the samples least like them unreal, and those teach a classifier the class's variation "
         "(MNIST long tails: +0.17 and +0.25 points over judging classes of 5+); on balanced data it judges every class "
         "(MNIST 10 per class: its cut earned +0.13 and +0.14 on two draws). docs/RESULTS.md.",

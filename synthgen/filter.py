@@ -114,10 +114,12 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
 
 def judging_minimum(config: FilterConfig, counts: np.ndarray) -> dict[str, int]:
     """Filter name -> the fewest real images of a class it judges: ``min_class_images``, and for the discriminator
-    ``discriminator_min_class_images`` capped at the largest class (on balanced data it judges every class)."""
+    ``discriminator_min_class_images`` capped at the largest class (on balanced data it judges every class), never
+    below ``min_class_images`` (a class smaller than that is not filtered at all, whatever its rank)."""
     minimum = {name: config.min_class_images for name in FILTERS}
     if config.discriminator_min_class_images is not None:
-        minimum["discriminator"] = min(config.discriminator_min_class_images, int(np.max(counts)))
+        capped = min(config.discriminator_min_class_images, int(np.max(counts)))
+        minimum["discriminator"] = max(config.min_class_images, capped)
     return minimum
 
 

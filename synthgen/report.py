@@ -9,6 +9,7 @@ grid with torchvision's ``make_grid`` / ``save_image``.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,11 @@ def quality_rows(quality: dict | None, class_names: list[str]) -> list[dict]:
     return rows
 
 
+def _scored(value) -> bool:
+    """An out-of-fold score that was measured (JSON null or NaN: no fold could be scored)."""
+    return value is not None and not math.isnan(value)
+
+
 def selection_text(metrics: dict) -> str:
     """How the budget and the recipe given the synthetic set were chosen, with the out-of-fold numbers where there are any."""
     selection = metrics["selection"]
@@ -119,6 +125,12 @@ def selection_text(metrics: dict) -> str:
     budget = (f"Budget: {selection['steps']} steps, where `real+classic` stopped improving in {selection['folds']}-fold "
               f"cross-validation on the training images (out-of-fold balanced accuracy by steps: {curve})."
               if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
+    if curve and not any(_scored(row["balanced_accuracy"]) for row in selection["budget_curve"]):
+        budget = (f"Budget: {selection['steps']} steps, the most `evaluate.max_steps` allows: no held-out fold could be "
+                  "scored (no class has images in two folds), so convergence was not measured.")
+    if scores and not any(_scored(value) for value in selection["recipe_scores"].values()):
+        return (f"{budget} No recipe could be scored out-of-fold (no class has images in two folds); "
+                f"`{selection['best_recipe']}`, the first listed, got the synthetic set first.")
     if selection.get("chosen_by", "out-of-fold") == "test":
         given = " got the synthetic set and the unfiltered ablation" if metrics.get("filter_ablation") else " gets the synthetic set"
         return (f"{budget} Every recipe was scored on the test set; the strongest there, `{selection['best_recipe']}`,"

@@ -3,35 +3,23 @@
 Every loader returns a :class:`synthgen.data.LabeledImages` (uint8 (N, H, W, C), int64 labels in
 0..K-1, class names) or raises :class:`synthgen.data.DataError` naming the file, field or class at
 fault. :func:`load_source` dispatches on the ``data.source`` string; it is pure apart from reading
-the source (no writes, no globals).
-
-Colour in an ImageFolder. Users' folders mix modes (a few grey scans among colour photos, a PNG
-with transparency, a GIF with a palette). The networks need one channel count, so a folder is
-decoded to ONE mode: grey (C=1) when every image is grey, else RGB (C=3). Refusing mixed folders
-would make the user convert files by hand for no gain, and keeping only grey would throw colour
-away; converting grey to RGB loses nothing (R = G = B). What was changed is not silent: each kind
-of change becomes a line of ``LabeledImages.notes`` ("converted 3 grey images to RGB (e.g.
-cat/img7.png)", "dropped the alpha channel of 2 images ..."), which ``prepare`` prints and writes
-into ``meta.json`` and ``summary.json``. Palette images are decoded to RGB (or grey when their
-colours are all grey); an RGB file whose three channels are equal counts as grey.
+the source (no writes, no globals). ImageFolders are decoded by :mod:`synthgen.image_folder` (one
+colour mode per folder, conversions noted).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import unicodedata
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.progress import track
 
 from synthgen.data import DataError, LabeledImages
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
-_ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa", "La")
+from synthgen.image_folder import load_image_folder
 
 
 def load_source(source: str, image_size: int | None = None, progress: bool = False) -> LabeledImages:
@@ -71,7 +59,25 @@ def load_source(source: str, image_size: int | None = None, progress: bool = Fal
         images = dataclasses.replace(images, x=resize_images(images.x, image_size))
     if images.n_classes < 2:
         raise DataError(f"{source}: needs at least 2 classes, found only class {images.class_names!r}")
-    return images
+    return dataclasses.replace(images, class_names=checked_class_names(images.class_names, source))
+
+
+def checked_class_names(names: tuple[str, ...], origin: str) -> tuple[str, ...]:
+    """Class names in Unicode NFC, each usable as one folder name (the accepted set is written as
+    ``accepted/<class name>/``); a DataError naming the class otherwise.
+
+    NFC: macOS writes folder names decomposed (NFD), so "café" from a Mac folder and "café" from
+    an .npz would otherwise be two different classes that print the same.
+    """
+    normalized = tuple(unicodedata.normalize("NFC", name) for name in names)
+    for name in normalized:
+        if not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
+            raise DataError(f"{origin}: class name {name!r} cannot name a folder (empty, '.', '..', a leading '.', "
+                            "or a '/', '\\' or NUL in it): rename the class")
+    if len(set(normalized)) != len(normalized):
+        twins = sorted({name for name in normalized if normalized.count(name) > 1})
+        raise DataError(f"{origin}: class names {twins!r} differ only in their Unicode form: rename one of them")
+    return normalized
 
 
 DEMO_TAIL = (50, 50.0)  # (max, ratio): class c gets round(max * ratio ** (-c / 9)), at least 1
@@ -137,7 +143,8 @@ def load_digits_images() -> LabeledImages:
 
 
 def load_npz(path: Path) -> LabeledImages:
-    """``x`` uint8 as is, or float/int all within [0, 1] (scaled x255) or [0, 255]; ``y`` integers >= 0.
+    """``x`` uint8 as is, or float/int all within [0, 1] (scaled x255) or [0, 255]; ``y`` integers >= 0,
+    or strings (then they are the class names, in sorted order).
 
     Anything else (NaN/inf, values outside both ranges, negative or non-integer labels, x/y length
     mismatch) is a DataError naming the field and the count of bad values. An optional string
@@ -158,17 +165,28 @@ def load_npz(path: Path) -> LabeledImages:
         raise DataError(f"{path}: field 'x' must have shape (N, H, W) or (N, H, W, C) with C in 1, 3; got {x.shape}")
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: field 'x' has {len(x)} images but field 'y' has shape {y.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: holds no images (field 'x' has shape {x.shape})")
     x = _to_uint8_checked(x, f"{path}: field 'x'")
+    if y.dtype.kind in "SU":  # class names as labels: classes in sorted name order
+        if "class_names" in fields:
+            raise DataError(f"{path}: field 'y' holds names, so field 'class_names' must be left out")
+        return _relabel(x, np.array([_name_text(label) for label in y]), None, str(path))
     if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: field 'y' must hold integer labels, got dtype {y.dtype}")
+        raise DataError(f"{path}: field 'y' must hold integer labels or class names, got dtype {y.dtype}")
     if (bad := int((y < 0).sum())) > 0:
         raise DataError(f"{path}: field 'y' has {bad} negative labels")
     names = None
     if "class_names" in fields:
-        names = [str(name) for name in np.asarray(fields["class_names"]).ravel()]
+        names = [_name_text(name) for name in np.asarray(fields["class_names"]).ravel()]
         if len(set(names)) != len(names) or int(y.max()) >= len(names):
             raise DataError(f"{path}: field 'class_names' must hold {int(y.max()) + 1}+ unique names, got {names}")
     return _relabel(x, y, names, str(path))
+
+
+def _name_text(name) -> str:
+    """A class name as text: byte strings (numpy ``S`` arrays, as h5py writes them) decoded as UTF-8."""
+    return name.decode("utf-8", errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def _to_uint8_checked(x: np.ndarray, origin: str) -> np.ndarray:
@@ -236,88 +254,3 @@ def load_idx(path: Path) -> LabeledImages:
     if len(x) != len(y):
         raise DataError(f"{path} has {len(x)} images but {labels_path} has {len(y)} labels")
     return _relabel(x, y, None, str(path))
-
-
-# ------------------------------------------------------------------ ImageFolder
-def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Sorted class folders and their files; hidden files/folders (leading '.') are ignored."""
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    stray = [p for p in entries if not p.is_dir()]
-    if stray:
-        raise DataError(f"{stray[0]}: ImageFolder root {root} must hold only class folders")
-    if not entries:
-        raise DataError(f"{root}: empty directory, expected class folders root/<class_name>/*.png")
-    files: list[tuple[Path, int]] = []
-    for label, class_dir in enumerate(entries):
-        found = [
-            p for p in sorted(class_dir.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-        ]
-        for path in found:
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise DataError(f"{path}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-        if not found:
-            raise DataError(f"class {class_dir.name!r} ({class_dir}) has no images")
-        files += [(path, label) for path in found]
-    return [p.name for p in entries], files
-
-
-def _decode(path: Path) -> tuple[Image.Image, bool]:
-    """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey).
-
-    Returns the image and whether the file had an alpha channel (or palette transparency), which is dropped.
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            had_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
-            if image.mode in _GREY_MODES:
-                return image.convert("L"), had_alpha
-            rgb = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: not a readable image ({error})") from None
-    array = np.asarray(rgb)
-    is_grey = np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
-    return (rgb.convert("L") if is_grey else rgb), had_alpha
-
-
-def _count_note(what: str, paths: list[Path], root: Path) -> list[str]:
-    """``["<what> (e.g. cat/img7.png)"]`` with ``{n}`` (and plural ``{s}``) filled in; nothing when ``paths`` is empty."""
-    if not paths:
-        return []
-    return [f"{what.format(n=len(paths), s='' if len(paths) == 1 else 's')} (e.g. {paths[0].relative_to(root).as_posix()})"]
-
-
-def load_image_folder(root: Path, image_size: int | None = None, progress: bool = True) -> LabeledImages:
-    """Decode ``root/<class_name>/**/<file>`` with PIL (progress bar while decoding).
-
-    Colour (module docstring): if any image is colour, all images become RGB (C=3) and the grey
-    ones are counted in a note; else all are grey 'L' (C=1). Alpha is dropped, with a note. A
-    non-image or corrupt/truncated file, a class folder without images, or different image sizes
-    while ``image_size`` is null are DataErrors naming the file(s) or class.
-    """
-    class_names, files = _list_image_folder(root)
-    decoded, with_alpha = [], []
-    for path, _ in track(files, description=f"decoding {root}", disable=not progress, transient=True):
-        image, had_alpha = _decode(path)
-        if had_alpha:
-            with_alpha.append(path)
-        # resize as we go so only the small copies are held in memory
-        decoded.append(image.resize((image_size, image_size), Image.Resampling.BILINEAR) if image_size else image)
-    if image_size is None:
-        for (path, _), image in zip(files, decoded):
-            if image.size != decoded[0].size:
-                raise DataError(
-                    f"images differ in size: {files[0][0]} is {decoded[0].size[0]}x{decoded[0].size[1]} but {path} is "
-                    f"{image.size[0]}x{image.size[1]}; set data.image_size to resize them"
-                )
-    mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
-    grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
-    notes = _count_note("converted {n} grey image{s} to RGB", grey, root) + _count_note(
-        "dropped the alpha channel of {n} image{s}", with_alpha, root
-    )
-    arrays = [np.asarray(image.convert(mode)) for image in decoded]
-    x = np.stack(arrays)
-    x = x[..., None] if x.ndim == 3 else x
-    y = np.array([label for _, label in files], dtype=np.int64)
-    return LabeledImages(x, y, tuple(class_names), np.arange(len(y), dtype=np.int64), tuple(notes))

@@ -151,6 +151,40 @@ def test_npz_float_ranges_and_label_remapping(tmp_path):
     assert load_source(str(tmp_path / "byte.npz")).x.max() == 200
 
 
+def test_npz_string_labels_are_the_class_names(tmp_path):
+    np.savez(tmp_path / "s.npz", x=np.arange(3 * 4, dtype=np.uint8).reshape(3, 2, 2), y=np.array(["dog", "cat", "dog"]))
+    images = load_source(str(tmp_path / "s.npz"))
+    assert images.class_names == ("cat", "dog") and images.y.tolist() == [1, 0, 1]
+    np.savez(tmp_path / "b.npz", x=np.zeros((2, 2, 2), np.uint8), y=np.array([b"dog", b"cat"]))
+    assert load_source(str(tmp_path / "b.npz")).class_names == ("cat", "dog")
+
+
+def test_npz_byte_string_class_names_decoded(tmp_path):
+    np.savez(tmp_path / "h5.npz", x=np.zeros((2, 2, 2), np.uint8), y=np.array([0, 1]), class_names=np.array([b"caf\xc3\xa9", b"dog"]))
+    assert load_source(str(tmp_path / "h5.npz")).class_names == ("caf\u00e9", "dog")
+
+
+def test_class_names_in_one_unicode_form(tmp_path):
+    """A Mac folder's decomposed "café" and an .npz's composed one are the same class."""
+    decomposed = "cafe\u0301"
+    grey_folder(tmp_path / "folder", classes=(decomposed, "dog"))
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 6, 5), np.uint8), y=np.array([0, 1]), class_names=np.array(["caf\u00e9", "dog"]))
+    assert load_source(str(tmp_path / "folder")).class_names == ("caf\u00e9", "dog")
+    assert load_source(str(tmp_path / "test.npz")).class_names == ("caf\u00e9", "dog")
+
+
+def test_16_bit_grey_png_scaled_not_clipped(tmp_path):
+    """PIL's convert("L") clips 16-bit values at 255: a 16-bit scan would become a white square."""
+    for name, value in (("dark", 257 * 40), ("bright", 257 * 200)):
+        path = tmp_path / name / "0.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), value, np.uint16)).save(path)
+        assert Image.open(path).mode.startswith("I")
+    images = load_source(str(tmp_path))
+    assert images.class_names == ("bright", "dark") and images.image_shape == (4, 4, 1)
+    assert images.x[images.y == 0].max() == 200 and images.x[images.y == 1].max() == 40
+
+
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_directory_and_images_file(tmp_path, compress):
     rng = np.random.default_rng(1)
@@ -257,9 +291,14 @@ def test_single_class_refused(tmp_path):
         ({"x": np.array([np.nan, 0, np.inf, 1]).reshape(1, 2, 2).repeat(2, 0), "y": np.array([0, 1])}, "'x' has 4 NaN/inf"),
         ({"x": np.array([-1.0, 0, 300, 2]).reshape(1, 2, 2).repeat(2, 0), "y": np.array([0, 1])}, "'x' has 4 values outside"),
         ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, -1])}, "'y' has 1 negative"),
-        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0.0, 1.0])}, "'y' must hold integer"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0.0, 1.0])}, "'y' must hold integer labels or class names"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array(["a", "b"]), "class_names": np.array(["a", "b"])}, "'class_names' must be left out"),
         ({"x": np.zeros((2, 2, 2), np.uint8)}, "missing array 'y'"),
         ({"x": np.zeros((2, 2, 2, 2), np.uint8), "y": np.array([0, 1])}, "'x' must have shape"),
+        ({"x": np.zeros((0, 2, 2, 3), np.float32), "y": np.zeros(0, np.int64)}, "holds no images"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["ok", "dog/wolf"])}, "'dog/wolf' cannot name a folder"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["ok", ".."])}, "'..' cannot name a folder"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["ok", " "])}, "' ' cannot name a folder"),
     ],
 )
 def test_bad_npz_fields_named(tmp_path, arrays, message):

@@ -196,6 +196,8 @@ def test_the_discriminator_skips_the_rare_classes_of_a_long_tail_and_judges_ever
     assert long_tail == {"discriminator": 20, "classifier": 5, "novelty": 5}
     assert flt.judging_minimum(config, np.array([10] * 10))["discriminator"] == 10  # capped at the largest class
     assert flt.judging_minimum(tiny_config(**{"filter.discriminator_min_class_images": "null"}).filter, np.array([50, 3])) == dict.fromkeys(flt.FILTERS, 5)
+    # a largest class under min_class_images: no filter judges anything, the discriminator included (README's promise)
+    assert flt.judging_minimum(config, np.array([2, 1, 1]))["discriminator"] == 5
 
 
 def test_the_filter_stage_applies_the_discriminator_minimum_capped_at_the_largest_class(tiny_prepared, models_root, pool_dir, tmp_path):

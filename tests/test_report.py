@@ -57,6 +57,12 @@ def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chose
     out_of_fold = {"selection": {**on_test["selection"], "chosen_by": "out-of-fold", "recipe_scores": {"real": 0.6, "real+logit_adjust": 0.65}}}
     text = report.selection_text(out_of_fold)
     assert "`real+logit_adjust` 65.00%" in text and "`real+logit_adjust` was selected" in text
+    # every class a single image: no fold could be scored, and the report must not claim a converged budget or a selection
+    unscored = {"selection": {"steps": 1000, "budget_curve": [{"steps": 500, "balanced_accuracy": None}, {"steps": 1000, "balanced_accuracy": float("nan")}],
+                              "recipe_scores": {"real": None, "real+classic": None}, "best_recipe": "real", "chosen_by": "out-of-fold", "folds": 2}}
+    text = report.selection_text(unscored)
+    assert "convergence was not measured" in text and "No recipe could be scored" in text
+    assert "stopped improving" not in text and "was selected" not in text
 
 
 def test_main_writes_report_and_pngs(tiny_prepared, tmp_path):
