@@ -78,3 +78,24 @@ def test_every_stage_runs_on_cuda(tiny_prepared, tmp_path):
     metrics = evaluate.main(config, tiny_prepared, synthetic, pool, reports, progress=False)
     assert metrics["verdict"] in {"recommended", "not recommended"}
     assert all(np.isfinite(arm["balanced_accuracy"]["mean"]) for arm in metrics["arms"].values()), metrics["arms"]
+
+
+@pytest.mark.parametrize("model", ["cvae", "vaegan"])
+def test_the_default_filters_and_quality_run_on_cuda(tiny_prepared, tmp_path, model):
+    """What a user with a GPU runs: the default filters (posthoc discriminator, confidence, novelty), generated
+    with the model's interpolation, and the quality metrics; the VAE-GAN also trains its discriminator on the GPU."""
+    overrides = [f"train.model={model}", "train.steps=30", "generate.min_per_class=20", "generate.max_rounds=2",
+                 "filter.classifier_steps=20", "filter.discriminator_steps=20", "filter.discriminator_samples=20",
+                 "filter.discriminator_calibration_samples=20", "evaluate.steps=20", "evaluate.seeds=2",
+                 # every filter on; a 30-step generator's samples would fail the confidence and near-copy cuts
+                 "filter.classifier_threshold=0.0", "filter.novelty_threshold=0.0"]
+    config = _config(*overrides)
+    models, pool, synthetic, reports = (tmp_path / name for name in ("models", "pool", "synthetic", "reports"))
+    train.main(config, tiny_prepared, models, tmp_path / "checkpoints")
+    generate.main(config, tiny_prepared, models, pool)
+    summary = flt.main(config, tiny_prepared, models, pool, synthetic)
+    assert summary["filters"] == {"discriminator": "on", "classifier": "on", "novelty": "on"}
+    assert summary["accepted"] == len(artifacts.load_accepted(synthetic).y) > 0
+    metrics = evaluate.main(config, tiny_prepared, synthetic, pool, reports, progress=False)
+    quality = metrics["quality"]
+    assert quality is not None and np.isfinite(quality["frechet"]) and 0 <= quality["cas"]["balanced_accuracy"] <= 1
