@@ -28,6 +28,7 @@ _GREY_MODES = ("1", "L", "LA", "F")
 _WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grey PNGs decode to these
 _ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa", "La")
 
+
 def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Sorted class folders and their files; hidden files/folders (leading '.') are ignored."""
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
