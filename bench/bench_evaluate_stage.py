@@ -18,6 +18,9 @@ false), on the same seeds:
 * ``default``: what the stage does with the params' ``evaluate.batched`` and ``evaluate.cpu_bf16``
   (``auto``: every arm batched up to 16x16 pixels, one at a time above; bf16 on CPUs with native
   bf16). The budget search stays fp32 one at a time. The first three ways are fp32.
+* ``default-unshared``: the same, but every baseline arm trains even where balanced data make two
+  recipes the same network (oversampling and the logit adjustment change nothing there: the stage
+  trains those once, ``synthgen.recipes.same_network``); the code before that.
 
 Prints wall seconds (and each training call's: models x steps, seconds), the speed-up over one at
 a time, and whether the ways reach the same budget, recipe given the synthetic set, verdict and gain
@@ -59,7 +62,7 @@ def timed(fit, calls: list[str]):
 def main(
     work: Annotated[Path, typer.Argument(help="Directory holding prepared/, synthetic/ and pool/.")] = Path("data"),
     params: Annotated[Optional[Path], typer.Option(help="params.yaml (default: ./params.yaml when present).")] = None,
-    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm, default.")] = "one-at-a-time,per-arm,every-arm,default",
+    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm, default, default-unshared.")] = "one-at-a-time,per-arm,every-arm,default",
 ) -> None:
     console, config, prepared = open_work(work, params)
     if prepared is None:
@@ -69,14 +72,15 @@ def main(
                   f"{prepared.train.x.shape[1:]}, {len(prepared.test.y)} test, {0 if synthetic is None else len(synthetic.y)} synthetic; "
                   f"{config.seeds} seeds, recipes {list(config.recipes)}", highlight=False)
     fit_members(prepared.train.x[:64], prepared.train.y[:64], [0, 1], steps=2, n_classes=prepared.n_classes, device=config.device)  # warm-up
-    setups = {"one-at-a-time": (False, fit_tasks, False), "per-arm": ("auto", per_arm, False), "every-arm": (True, fit_tasks, False),
-              "default": (config.batched, fit_tasks, config.cpu_bf16)}
+    setups = {"one-at-a-time": (False, fit_tasks, False, True), "per-arm": ("auto", per_arm, False, True),
+              "every-arm": (True, fit_tasks, False, True), "default": (config.batched, fit_tasks, config.cpu_bf16, True),
+              "default-unshared": (config.batched, fit_tasks, config.cpu_bf16, False)}
     results = {}
     for way in ways.split(","):
-        batched, fit, cpu_bf16 = setups[way]
+        batched, fit, cpu_bf16, share = setups[way]
         started, calls = time.perf_counter(), []
         outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched, "cpu_bf16": cpu_bf16}),
-                                    fit=timed(fit, calls))
+                                    fit=timed(fit, calls), share_networks=share)
         results[way] = (time.perf_counter() - started, outcome)
         console.print(f"{way}: {results[way][0]:.1f} s; each training call (budget search, recipe selection if any, then the arms): {'; '.join(calls)}", highlight=False)
     reference = results[next(iter(results))][1]

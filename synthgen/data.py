@@ -108,3 +108,18 @@ def load_prepared(prepared_dir: str | Path) -> PreparedData:
         with np.load(path) as arrays:
             splits[name] = LabeledImages(arrays["x"], arrays["y"].astype(np.int64), class_names, arrays["index"])
     return PreparedData(meta=meta, **splits)
+
+
+def check_disjoint(prepared: PreparedData) -> None:
+    """Refuse to evaluate when the test split shares source images with train.
+
+    Indices are positions in a source, so only splits cut from the same source are compared: a
+    separate ``data.test_source`` has its own positions (0, 1, ...) that say nothing about train.
+    """
+    sources = prepared.meta.get("split_sources", {"train": "source", "test": "test_source" if prepared.meta.get("test_source") else "source"})
+    train, test = prepared.train, prepared.test
+    if sources["test"] != sources["train"] or train.index is None or test.index is None:
+        return
+    shared = np.intersect1d(train.index, test.index)
+    if len(shared):
+        raise DataError(f"test split shares {len(shared)} source indices with train (e.g. {shared[:5].tolist()})")

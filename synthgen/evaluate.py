@@ -1,31 +1,28 @@
 """Stage ``evaluate``: does adding the synthetic set to the best recipe a team could use without it help?
 
-Every arm trains the same small CNN (:func:`synthgen.models.members.fit_tasks`: same
-architecture, step budget, batch size and learning rate; every baseline arm's seeds in one call,
-then every synthetic arm's, as one grouped network where that pays: ``evaluate.batched``; in bf16
-on CPUs that have it: ``evaluate.cpu_bf16``) and is scored on the same, untouched real test split
-over ``evaluate.seeds`` seeds:
+Every arm trains the same small CNN (:func:`synthgen.models.members.fit_tasks`: same architecture,
+step budget, batch size and learning rate; every baseline arm's seeds in one call, then every
+synthetic arm's, grouped where that pays: ``evaluate.batched``; bf16 on CPUs that have it:
+``evaluate.cpu_bf16``), scored on the same, untouched real test split over ``evaluate.seeds`` seeds:
 
-* baselines: the non-generative recipes of :mod:`synthgen.recipes` (real, classical
-  augmentation, oversampling, logit-adjusted loss, mixup): every one (``evaluate.test_every_recipe``,
-  the default), or ``real`` and the one selected out-of-fold;
+* baselines: the non-generative recipes of :mod:`synthgen.recipes` (real, classical augmentation,
+  oversampling, logit-adjusted loss, mixup): every one (``evaluate.test_every_recipe``, the
+  default), or ``real`` and the one selected out-of-fold. On balanced data oversampling and the
+  logit adjustment change nothing: those arms share the plainer recipe's network (``same_network``);
 * treatments: ``<recipe>+synthetic``, the accepted synthetic set added to the strongest recipe on
   test, to the out-of-fold selected one when there is one, and to ``real``;
 * ablation: ``<first recipe>+unfiltered`` (the first raw candidates of each class, as many as were
-  accepted: :func:`first_candidates`), where the first recipe is the selected one, or the strongest
-  on test when every recipe is tested; ``filter_gain`` in metrics.json is ``<first>+synthetic``
-  minus it, paired by seed.
+  accepted: :func:`first_candidates`), the first recipe being the selected one, or the strongest on
+  test; ``filter_gain`` in metrics.json is ``<first>+synthetic`` minus it, paired by seed.
 
 The step budget is chosen on the real training images alone (k-fold, :mod:`synthgen.recipes`), and
 so is the recipe when only one is tested. The verdict compares the strongest treatment with the
 strongest baseline, both by mean test balanced accuracy, paired by seed, with a t-interval over the
-seeds: ``recommended`` only when the interval lies above zero. That is the comparison an
-independent scorer makes. When every recipe is tested the out-of-fold recipe selection is skipped:
-the verdict does not use it, it was half the stage's time, and on scarce data it is a coin toss (the
-digits demo: three different recipes over four selection seeds, a recipe's score moving by 7 points
-under float rounding alone; docs/RESULTS.md). The test split only ever reaches ``predict``; its
-scores decide which recipe gets the synthetic set (and trains the soft-label teacher, when
-``evaluate.soft_label_mix`` > 0), as they decide the verdict.
+seeds: ``recommended`` only when the interval lies above zero (the comparison an independent scorer
+makes). When every recipe is tested the out-of-fold recipe selection is skipped: the verdict does
+not use it, and on scarce data it is a coin toss (docs/RESULTS.md). The test split only ever
+reaches ``predict``; its scores decide which recipe gets the synthetic set (and trains the
+soft-label teacher, when ``evaluate.soft_label_mix`` > 0), as they decide the verdict.
 """
 
 from __future__ import annotations
@@ -40,13 +37,13 @@ from rich.progress import Progress
 
 from synthgen.artifacts import FILTER_SUMMARY, POOL_SUMMARY, load_accepted, load_pool
 from synthgen.config import Config, EvaluateConfig, config_to_dict
-from synthgen.data import DataError, LabeledImages, PreparedData, load_prepared, random_per_class
+from synthgen.data import DataError, LabeledImages, check_disjoint, load_prepared, random_per_class
 from synthgen.device import resolve_device, training_precision
 from synthgen.io import atomic_dir, read_json, write_json
 from synthgen.metrics import score, t_interval
 from synthgen.models.classifier import fit_tasks
 from synthgen.quality import generator_quality
-from synthgen.recipes import Recipe, choose_budget, classifier_params, recipe_named, select_recipe
+from synthgen.recipes import Recipe, choose_budget, classifier_params, recipe_named, select_recipe, shared_networks
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "tail_recall")
 
@@ -186,11 +183,13 @@ def run_arms(
     config: EvaluateConfig,
     progress: bool = False,
     fit: Callable = fit_tasks,
+    share_networks: bool = True,
 ) -> dict:
     """Choose the budget (and, unless every recipe is tested, the recipe) on ``real_train``, train every
     arm over the seeds, score on ``test``.
 
-    ``test`` is only passed to ``predict``. Returns ``per_seed`` and ``per_class`` DataFrames,
+    ``test`` is only passed to ``predict``. ``share_networks`` False trains every baseline arm even where
+    balanced data make two the same network (the path before sharing; bench/bench_evaluate_stage.py). Returns ``per_seed`` and ``per_class`` DataFrames,
     ``summary`` ({arm: {metric: interval}}), ``gains`` (paired vs the strongest baseline),
     ``decision``, ``selection`` (budget curve, recipe scores, the recipe given the synthetic set and
     ``chosen_by``: ``test`` or ``out-of-fold``) and ``counts``.
@@ -203,19 +202,25 @@ def run_arms(
     tail, seeds = tail_classes(real_train.counts()), [config.seed + i for i in range(config.seeds)]
     rows, recall_rows, teacher = [], [], None
 
-    def run(arms: list[Arm], bar, task) -> None:
+    def run(arms: list[Arm], bar, task, shared: dict[str, str] | None = None) -> None:
         """Every arm's seeds in one fit_tasks call: one grouped network where that pays (``config.batched``),
-        in bf16 on CPUs that have it (``config.cpu_bf16``)."""
+        in bf16 on CPUs that have it (``config.cpu_bf16``). An arm that ``shared`` maps to an earlier one
+        (the same network on these data) takes that arm's predictions instead of training."""
+        shared = shared or {}
+        trained = [arm for arm in arms if shared.get(arm.name, arm.name) == arm.name]
         tasks, sizes = [], []
-        for arm in arms:
+        for arm in trained:
             extra = extras[arm.extra] if arm.extra else None
             x, y, weight, is_real = training_set(real_train, extra, config.synthetic_weight)
             proba = teacher.predict_proba(extra.x)[0] if teacher is not None and extra is not None else None
             tasks.append(dict(X=x, y=y, seeds=seeds, sample_weight=weight, soft_targets=soft_targets(y, is_real, proba, config.soft_label_mix),
                               **classifier_params(arm.recipe, config, real_train.n_classes, steps)))
             sizes.append(len(y))
-        for arm, n_train, members in zip(arms, sizes, fit(tasks, config.batched, cpu_bf16=config.cpu_bf16)):
-            for seed, predicted in zip(seeds, members.predict(test.x)):
+        fitted = {arm.name: (n_train, members.predict(test.x))
+                  for arm, n_train, members in zip(trained, sizes, fit(tasks, config.batched, cpu_bf16=config.cpu_bf16))}
+        for arm in arms:
+            n_train, predictions = fitted[shared.get(arm.name, arm.name)]
+            for seed, predicted in zip(seeds, predictions):
                 result = score(test.y, predicted, real_train.n_classes, tail)
                 recall = result.pop("recall")
                 rows.append({"arm": arm.name, "seed": seed, **result, "n_train": n_train})
@@ -223,9 +228,11 @@ def run_arms(
             bar.update(task, advance=1, description=f"evaluate {arm.name}")
 
     baselines = baseline_arms(chosen, config)
+    # on balanced data oversampling and the logit adjustment change nothing: those arms train once (recipes.same_network)
+    shared = shared_networks([arm.recipe for arm in baselines], real_train.counts()) if share_networks else {}
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("evaluate", total=len(baselines) + 3)  # + at most 3 synthetic arms
-        run(baselines, bar, task)
+        run(baselines, bar, task, shared)
         # the strongest recipe on test (as the verdict ranks them) gets the synthetic set; the out-of-fold choice too
         leader = recipe_named(strongest(summarize_arms(pd.DataFrame(rows), config.confidence), [arm.name for arm in baselines]))
         best = chosen if chosen is not None else leader  # gets the synthetic set first, and the unfiltered ablation
@@ -246,7 +253,8 @@ def run_arms(
         "train_per_class": real_train.counts().tolist(), "tail_classes": tail.tolist(),
     }
     selection = {"steps": steps, "budget_curve": curve, "recipe_scores": recipe_scores, "best_recipe": best.name,
-                 "chosen_by": "test" if chosen is None else "out-of-fold", "folds": config.selection_folds}
+                 "chosen_by": "test" if chosen is None else "out-of-fold", "folds": config.selection_folds,
+                 "same_network": {name: first for name, first in shared.items() if name != first}}
     precision = training_precision(resolve_device(config.device), config.cpu_bf16)  # the arms'; the selection: fp32
     return {"per_seed": per_seed, "per_class": per_class, "summary": summary, "gains": gains,
             "decision": decide(summary, gains, baseline, treatments), "selection": selection, "counts": counts,
@@ -261,21 +269,6 @@ def filter_ablation(per_seed: pd.DataFrame, recipe: str, confidence: float) -> d
         return None
     gain = paired_gains(per_seed, unfiltered, confidence)[filtered]["balanced_accuracy"]
     return {"filtered": filtered, "unfiltered": unfiltered, "gain": gain}
-
-
-def check_disjoint(prepared: PreparedData) -> None:
-    """Refuse to evaluate when the test split shares source images with train.
-
-    Indices are positions in a source, so only splits cut from the same source are compared: a
-    separate ``data.test_source`` has its own positions (0, 1, ...) that say nothing about train.
-    """
-    sources = prepared.meta.get("split_sources", {"train": "source", "test": "test_source" if prepared.meta.get("test_source") else "source"})
-    train, test = prepared.train, prepared.test
-    if sources["test"] != sources["train"] or train.index is None or test.index is None:
-        return
-    shared = np.intersect1d(train.index, test.index)
-    if len(shared):
-        raise DataError(f"test split shares {len(shared)} source indices with train (e.g. {shared[:5].tolist()})")
 
 
 def details_payload(results: dict, quality: dict | None, config: EvaluateConfig) -> dict:

@@ -128,6 +128,9 @@ def selection_text(metrics: dict) -> str:
     if curve and not any(_scored(row["balanced_accuracy"]) for row in selection["budget_curve"]):
         budget = (f"Budget: {selection['steps']} steps, the most `evaluate.max_steps` allows: no held-out fold could be "
                   "scored (no class has images in two folds), so convergence was not measured.")
+    if selection.get("same_network"):  # balanced data: oversampling and the logit adjustment change nothing
+        pairs = ", ".join(f"`{name}` as `{first}`" for name, first in selection["same_network"].items())
+        budget += f" Every class has as many training images, so these recipes train the same network and were trained once: {pairs}."
     if scores and not any(_scored(value) for value in selection["recipe_scores"].values()):
         return (f"{budget} No recipe could be scored out-of-fold (no class has images in two folds); "
                 f"`{selection['best_recipe']}`, the first listed, got the synthetic set first.")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from synthgen import evaluate, recipes
+from synthgen import data, evaluate, recipes
 from synthgen.config import Config, EvaluateConfig
 from synthgen.data import DataError, LabeledImages, PreparedData, load_prepared
 from synthgen.io import read_json
@@ -188,6 +188,33 @@ def test_without_synthetic_only_baselines_and_not_recommended(prepared):
     assert results["decision"]["reason"] == "no accepted synthetic samples to evaluate"
 
 
+def test_on_balanced_data_oversampling_and_logit_adjustment_arms_train_once(prepared):
+    """Class-balanced sampling of balanced data draws the plain batches, and a uniform prior's logit adjustment
+    is a constant the softmax cancels: those arms share the plainer recipe's network instead of training it again."""
+    counts = prepared.train.counts()
+    assert (counts == counts[0]).all(), "fixture must be balanced"
+    named = {recipe.name: recipe for recipe in recipes.RECIPES}
+    same = recipes.shared_networks(list(recipes.RECIPES), counts)
+    assert same == {"real": "real", "real+classic": "real+classic", "real+oversample+classic": "real+classic",
+                    "real+logit_adjust": "real", "real+logit_adjust+classic": "real+classic", "real+mixup+classic": "real+mixup+classic"}
+    assert recipes.same_network(named["real+logit_adjust"], np.array([5, 4])) == named["real+logit_adjust"]  # imbalanced: kept
+    assert set(recipes.shared_networks(list(recipes.RECIPES), np.array([5, 4])).values()) == set(named)
+
+    spy = SpyFit()
+    results = evaluate.run_arms(prepared.train, prepared.test, None, None, FAST, fit=spy)
+    arm_fits = [call for call in spy.fits if len(call["seeds"]) == FAST.seeds]
+    assert len(arm_fits) == len(set(same.values())) == 3
+    per_seed = results["per_seed"].set_index(["arm", "seed"])["balanced_accuracy"]
+    for name, first in same.items():
+        np.testing.assert_array_equal(per_seed[name].to_numpy(), per_seed[first].to_numpy())
+    assert results["selection"]["same_network"] == {name: first for name, first in same.items() if name != first}
+
+    imbalanced = prepared.train.subset(np.delete(np.arange(len(prepared.train.y)), np.flatnonzero(prepared.train.y == 0)[0]))  # one image fewer
+    spy = SpyFit()
+    evaluate.run_arms(imbalanced, prepared.test, None, None, FAST, fit=spy)
+    assert len([call for call in spy.fits if len(call["seeds"]) == FAST.seeds]) == len(FAST.recipes)
+
+
 def test_only_the_selected_recipe_when_not_every_recipe_is_tested(prepared):
     config = FAST.model_copy(update={"test_every_recipe": False})
     results = evaluate.run_arms(prepared.train, prepared.test, prepared.val, None, config)
@@ -217,10 +244,10 @@ def test_check_disjoint_compares_indices_of_the_same_source_only(prepared):
     leaky = LabeledImages(prepared.test.x[:3], prepared.test.y[:3], prepared.class_names, prepared.train.index[:3])
     same_source = dict(prepared.meta, split_sources={"train": "source", "val": "source", "test": "source"})
     with pytest.raises(DataError, match="shares 3 source indices"):
-        evaluate.check_disjoint(PreparedData(prepared.train, prepared.val, leaky, same_source))
+        data.check_disjoint(PreparedData(prepared.train, prepared.val, leaky, same_source))
     separate = dict(prepared.meta, split_sources={"train": "source", "val": "source", "test": "test_source"})
-    evaluate.check_disjoint(PreparedData(prepared.train, prepared.val, leaky, separate))  # positions in another file
-    evaluate.check_disjoint(prepared)
+    data.check_disjoint(PreparedData(prepared.train, prepared.val, leaky, separate))  # positions in another file
+    data.check_disjoint(prepared)
 
 
 def test_verdict_flips_from_held_out_real_to_noise():

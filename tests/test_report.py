@@ -63,6 +63,8 @@ def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chose
     text = report.selection_text(unscored)
     assert "convergence was not measured" in text and "No recipe could be scored" in text
     assert "stopped improving" not in text and "was selected" not in text
+    balanced = {"selection": {**on_test["selection"], "same_network": {"real+logit_adjust": "real"}}}
+    assert "`real+logit_adjust` as `real`" in report.selection_text(balanced)
 
 
 def test_main_writes_report_and_pngs(tiny_prepared, tmp_path):
