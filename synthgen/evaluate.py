@@ -8,7 +8,7 @@ synthetic arm's, grouped where that pays: ``evaluate.batched``; bf16 on CPUs tha
 * baselines: the non-generative recipes of :mod:`synthgen.recipes` (real, classical augmentation,
   oversampling, logit-adjusted loss, mixup): every one (``evaluate.test_every_recipe``, the
   default), or ``real`` and the one selected out-of-fold. On balanced data oversampling and the
-  logit adjustment change nothing: those arms share the plainer recipe's network (``same_network``);
+  logit adjustment change nothing: those arms share the first listed one's network (``same_network``);
 * treatments: ``<recipe>+synthetic``, the accepted synthetic set added to the strongest recipe on
   test, to the out-of-fold selected one when there is one, and to ``real``;
 * ablation: ``<first recipe>+unfiltered`` (the first raw candidates of each class, as many as were

@@ -10,11 +10,12 @@ cat/img7.png)", "dropped the alpha channel of 2 images ..."), which ``prepare`` 
 into ``meta.json`` and ``summary.json``. Palette images are decoded to RGB (or grey when their
 colours are all grey); an RGB file whose three channels are equal counts as grey.
 
-16-bit grey PNGs are scaled to 8 bits (PIL's own conversion clips them to white).
+16-bit grey PNGs are scaled to 8 bits (PIL's own conversion clips them to white), with a note.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ _ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa", "La")
 
 def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Sorted class folders and their files; hidden files/folders (leading '.') are ignored."""
-    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    # classes in sorted order of their NFC names: a folder copied from a Mac (NFD) keeps its label order
+    entries = sorted((p for p in root.iterdir() if not p.name.startswith(".")), key=lambda p: unicodedata.normalize("NFC", p.name))
     stray = [p for p in entries if not p.is_dir()]
     if stray:
         raise DataError(f"{stray[0]}: ImageFolder root {root} must hold only class folders")
@@ -49,41 +51,40 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         if not found:
             raise DataError(f"class {class_dir.name!r} ({class_dir}) has no images")
         files += [(path, label) for path in found]
-    return [p.name for p in entries], files
+    return [unicodedata.normalize("NFC", p.name) for p in entries], files
 
 
-def _decode(path: Path) -> tuple[Image.Image, bool]:
+def _decode(path: Path) -> tuple[Image.Image, bool, bool]:
     """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey).
 
-    Returns the image and whether the file had an alpha channel (or palette transparency), which is dropped.
+    Returns the image, whether the file had an alpha channel (or palette transparency), which is
+    dropped, and whether it was 16-bit grey, which is scaled to 8 bits.
     """
     try:
         with Image.open(path) as image:
             image.load()
             had_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
             if image.mode in _WIDE_GREY_MODES:
-                return _wide_grey_to_l(image), had_alpha
+                return _wide_grey_to_l(image), had_alpha, True
             if image.mode in _GREY_MODES:
-                return image.convert("L"), had_alpha
+                return image.convert("L"), had_alpha, False
             rgb = image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from None
     array = np.asarray(rgb)
     is_grey = np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
-    return (rgb.convert("L") if is_grey else rgb), had_alpha
+    return (rgb.convert("L") if is_grey else rgb), had_alpha, False
 
 
 def _wide_grey_to_l(image: Image.Image) -> Image.Image:
-    """A 16-bit (or 32-bit integer) grey image -> 'L', scaled from 0..65535 to 0..255.
+    """A 16-bit grey image (PIL mode "I;16", or "I" in older Pillow versions) -> 'L', 0..65535 scaled to 0..255.
 
     PIL's ``convert("L")`` clips these modes at 255 instead of scaling, which turns an ordinary
-    16-bit scan into a white square. Mode "I" holds 16-bit PNGs in some Pillow versions, so a
-    mode-"I" image whose values all fit in 0..255 is taken as 8-bit and kept as it is.
+    16-bit scan into a white square. No 8-bit file of the accepted formats decodes to these modes,
+    so every such image is scaled the same way (a dark scan stays dark beside a bright one).
     """
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
-        values = np.clip(values, 0, 65535) * (255.0 / 65535.0)
-    return Image.fromarray(np.round(np.clip(values, 0, 255)).astype(np.uint8), mode="L")
+    values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) * (255.0 / 65535.0)
+    return Image.fromarray(np.round(values).astype(np.uint8), mode="L")
 
 
 def _count_note(what: str, paths: list[Path], root: Path) -> list[str]:
@@ -102,11 +103,11 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
     while ``image_size`` is null are DataErrors naming the file(s) or class.
     """
     class_names, files = _list_image_folder(root)
-    decoded, with_alpha = [], []
+    decoded, with_alpha, wide = [], [], []
     for path, _ in track(files, description=f"decoding {root}", disable=not progress, transient=True):
-        image, had_alpha = _decode(path)
-        if had_alpha:
-            with_alpha.append(path)
+        image, had_alpha, was_wide = _decode(path)
+        with_alpha += [path] if had_alpha else []
+        wide += [path] if was_wide else []
         # resize as we go so only the small copies are held in memory
         decoded.append(image.resize((image_size, image_size), Image.Resampling.BILINEAR) if image_size else image)
     if image_size is None:
@@ -118,9 +119,9 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
                 )
     mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
     grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
-    notes = _count_note("converted {n} grey image{s} to RGB", grey, root) + _count_note(
-        "dropped the alpha channel of {n} image{s}", with_alpha, root
-    )
+    notes = (_count_note("converted {n} grey image{s} to RGB", grey, root)
+             + _count_note("dropped the alpha channel of {n} image{s}", with_alpha, root)
+             + _count_note("scaled {n} 16-bit grey image{s} to 8 bits", wide, root))
     arrays = [np.asarray(image.convert(mode)) for image in decoded]
     x = np.stack(arrays)
     x = x[..., None] if x.ndim == 3 else x

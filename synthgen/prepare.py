@@ -73,7 +73,7 @@ def match_channels(sets: dict[str, LabeledImages | None]) -> tuple[dict[str, Lab
     """Grey sets become RGB (R = G = B) when another set is RGB; returns the sets and one note per conversion.
 
     ``sets`` maps the params field ('source', 'test_source', 'val_source') to its images (or None).
-    Same rule as inside one ImageFolder (see :mod:`synthgen.sources`): converting grey loses nothing.
+    Same rule as inside one ImageFolder (see :mod:`synthgen.image_folder`): converting grey loses nothing.
     """
     present = {field: images for field, images in sets.items() if images is not None}
     if len({images.image_shape[-1] for images in present.values()}) < 2:

@@ -58,7 +58,8 @@ def same_network(recipe: Recipe, class_counts: np.ndarray) -> Recipe:
     On balanced data (every class the same count) class-balanced sampling draws the batches that
     plain sampling draws, and the logit adjustment adds the same log(1/K) to every logit, which the
     softmax cancels. Such recipes train the network the plainer one does (the adjustment up to float
-    rounding), so the evaluate stage trains it once: on balanced data 3 of the 6 recipes.
+    rounding), so the evaluate stage trains it once, for the first of them listed (:func:`shared_networks`):
+    on balanced data 3 of the 6 default recipes share another's network.
     """
     counts = np.asarray(class_counts)
     if len(counts) == 0 or (counts != counts[0]).any():

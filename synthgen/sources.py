@@ -63,8 +63,8 @@ def load_source(source: str, image_size: int | None = None, progress: bool = Fal
 
 
 def checked_class_names(names: tuple[str, ...], origin: str) -> tuple[str, ...]:
-    """Class names in Unicode NFC, each usable as one folder name (the accepted set is written as
-    ``accepted/<class name>/``); a DataError naming the class otherwise.
+    """Class names in Unicode NFC, each usable as one folder name on any system (the accepted set is
+    written as ``accepted/<class name>/``); a DataError naming the class otherwise.
 
     NFC: macOS writes folder names decomposed (NFD), so "café" from a Mac folder and "café" from
     an .npz would otherwise be two different classes that print the same.
@@ -74,9 +74,11 @@ def checked_class_names(names: tuple[str, ...], origin: str) -> tuple[str, ...]:
         if not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
             raise DataError(f"{origin}: class name {name!r} cannot name a folder (empty, '.', '..', a leading '.', "
                             "or a '/', '\\' or NUL in it): rename the class")
-    if len(set(normalized)) != len(normalized):
-        twins = sorted({name for name in normalized if normalized.count(name) > 1})
-        raise DataError(f"{origin}: class names {twins!r} differ only in their Unicode form: rename one of them")
+    folded = [name.casefold() for name in normalized]
+    if len(set(folded)) != len(folded):  # one folder on macOS and Windows
+        twins = sorted({name for name, key in zip(normalized, folded) if folded.count(key) > 1})
+        raise DataError(f"{origin}: class names {twins!r} differ only in case or Unicode form (one folder on macOS "
+                        "and Windows): rename one of them")
     return normalized
 
 
@@ -171,22 +173,26 @@ def load_npz(path: Path) -> LabeledImages:
     if y.dtype.kind in "SU":  # class names as labels: classes in sorted name order
         if "class_names" in fields:
             raise DataError(f"{path}: field 'y' holds names, so field 'class_names' must be left out")
-        return _relabel(x, np.array([_name_text(label) for label in y]), None, str(path))
+        return _relabel(x, np.array([_name_text(label, f"{path}: field 'y'") for label in y]), None, str(path))
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path}: field 'y' must hold integer labels or class names, got dtype {y.dtype}")
     if (bad := int((y < 0).sum())) > 0:
         raise DataError(f"{path}: field 'y' has {bad} negative labels")
     names = None
     if "class_names" in fields:
-        names = [_name_text(name) for name in np.asarray(fields["class_names"]).ravel()]
+        names = [_name_text(name, f"{path}: field 'class_names'") for name in np.asarray(fields["class_names"]).ravel()]
         if len(set(names)) != len(names) or int(y.max()) >= len(names):
             raise DataError(f"{path}: field 'class_names' must hold {int(y.max()) + 1}+ unique names, got {names}")
     return _relabel(x, y, names, str(path))
 
 
-def _name_text(name) -> str:
-    """A class name as text: byte strings (numpy ``S`` arrays, as h5py writes them) decoded as UTF-8."""
-    return name.decode("utf-8", errors="replace") if isinstance(name, bytes) else str(name)
+def _name_text(name, origin: str) -> str:
+    """A class name as NFC text: byte strings (numpy ``S`` arrays, as h5py writes them) decoded as UTF-8."""
+    try:
+        text = name.decode("utf-8") if isinstance(name, bytes) else str(name)
+    except UnicodeDecodeError:
+        raise DataError(f"{origin}: {bytes(name)!r} is not UTF-8 text") from None
+    return unicodedata.normalize("NFC", text)
 
 
 def _to_uint8_checked(x: np.ndarray, origin: str) -> np.ndarray:

@@ -183,6 +183,7 @@ def test_16_bit_grey_png_scaled_not_clipped(tmp_path):
     images = load_source(str(tmp_path))
     assert images.class_names == ("bright", "dark") and images.image_shape == (4, 4, 1)
     assert images.x[images.y == 0].max() == 200 and images.x[images.y == 1].max() == 40
+    assert any("scaled 2 16-bit grey images to 8 bits" in note for note in images.notes)
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -299,6 +300,8 @@ def test_single_class_refused(tmp_path):
         ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["ok", "dog/wolf"])}, "'dog/wolf' cannot name a folder"),
         ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["ok", ".."])}, "'..' cannot name a folder"),
         ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["ok", " "])}, "' ' cannot name a folder"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([0, 1]), "class_names": np.array(["Cat", "cat"])}, "differ only in case"),
+        ({"x": np.zeros((2, 2, 2), np.uint8), "y": np.array([b"\xff", b"\xfe"])}, "field 'y': b'.+' is not UTF-8"),
     ],
 )
 def test_bad_npz_fields_named(tmp_path, arrays, message):
