@@ -9,7 +9,6 @@ grid with torchvision's ``make_grid`` / ``save_image``.
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +35,18 @@ LIMITATIONS = (
 
 
 # ---------------------------------------------------------------------- tables
+def _scored(value) -> bool:
+    """A number that was measured (JSON null, NaN or inf: nothing could be measured)."""
+    return value is not None and bool(np.isfinite(value))
+
+
 def _pct(value) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.2f}"
+    return f"{100 * value:.2f}" if _scored(value) else "n/a"
 
 
 def _num(value) -> str:
     """3 significant digits, or n/a (a class without accepted samples has no Frechet distance)."""
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3g}"
+    return f"{value:.3g}" if _scored(value) else "n/a"
 
 
 def _interval(stat: dict | None, signed: bool = False) -> str:
@@ -110,11 +114,6 @@ def quality_rows(quality: dict | None, class_names: list[str]) -> list[dict]:
             "recall": _pct(entry["recall"]), "near-copy %": _pct(entry["near_copy_fraction"]),
         })
     return rows
-
-
-def _scored(value) -> bool:
-    """An out-of-fold score that was measured (JSON null or NaN: no fold could be scored)."""
-    return value is not None and not math.isnan(value)
 
 
 def selection_text(metrics: dict) -> str:
