@@ -98,8 +98,8 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
                  train_counts: np.ndarray | None = None, judge_min: int = 5) -> dict[str, np.ndarray]:
     """Name -> bool mask over the pool: the stage's filters (alone and together) and other discriminator cuts."""
     passes = {}
-    for name in FILTERS:
-        thresholds = [summary["per_class"][c][f"{name}_threshold"] for c in names]
+    for name in FILTERS:  # a filter an older run's summary does not know (the claim filter) counts as off
+        thresholds = [summary["per_class"][c].get(f"{name}_threshold", "n/a") for c in names]
         on = "n/a" not in thresholds
         passes[name] = manifest[SCORE_COLUMNS[name]].to_numpy() >= np.array(thresholds, float)[pool_y] if on else np.ones(len(pool_y), bool)
     entries = [summary["per_class"][c] for c in names]
@@ -107,7 +107,7 @@ def filter_masks(pool_y: np.ndarray, manifest, summary: dict, names: list[str], 
         passes[name] |= np.array([entry.get(f"{name}_judged", entry.get("judged", True)) is False for entry in entries])[pool_y]
     masks = {
         "no filter": np.ones(len(pool_y), bool),
-        "all filters (the stage's accepted set)": passes["discriminator"] & passes["classifier"] & passes["novelty"],
+        "all filters (the stage's accepted set)": passes["discriminator"] & passes["classifier"] & passes["claimed"] & passes["novelty"],
         "discriminator only": passes["discriminator"],
         "confidence only": passes["classifier"],
         "novelty only": passes["novelty"],

@@ -213,8 +213,9 @@ def run_arms(
             extra = extras[arm.extra] if arm.extra else None
             x, y, weight, is_real = training_set(real_train, extra, config.synthetic_weight)
             proba = teacher.predict_proba(extra.x)[0] if teacher is not None and extra is not None else None
+            prior_rows = None if is_real.all() or config.logit_adjust_prior == "all" else is_real  # "real": the real class counts
             tasks.append(dict(X=x, y=y, seeds=seeds, sample_weight=weight, soft_targets=soft_targets(y, is_real, proba, config.soft_label_mix),
-                              **classifier_params(arm.recipe, config, real_train.n_classes, steps)))
+                              prior_rows=prior_rows, **classifier_params(arm.recipe, config, real_train.n_classes, steps)))
             sizes.append(len(y))
         fitted = {arm.name: (n_train, members.predict(test.x))
                   for arm, n_train, members in zip(trained, sizes, fit(tasks, config.batched, cpu_bf16=config.cpu_bf16))}

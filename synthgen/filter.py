@@ -29,7 +29,9 @@ from synthgen.config import Config, FilterConfig, GenerateConfig
 from synthgen.data import DataError, PreparedData, load_prepared
 from synthgen.device import resolve_device
 from synthgen.executor import map_shards, open_executor
-from synthgen.filters import FILTERS, SCORE_COLUMNS, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter, judge_only, judged
+from synthgen.filters import (
+    FILTERS, SCORE_COLUMNS, ClaimFilter, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter, judge_only, judged,
+)
 from synthgen.generate import (
     compute_quotas, first_round_requests, generate_candidates, load_model, make_shard_specs, model_path_for, next_batch_start,
     run_shard,
@@ -109,14 +111,18 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
         filters["novelty"] = NoveltyFilter(config.novelty_threshold).fit(x, y, held_x, held_y)
     counts = np.bincount(np.asarray(y), minlength=n_classes)
     minimum = judging_minimum(config, counts)
-    return {name: None if fitted is None else judge_only(fitted, counts, minimum[name]) for name, fitted in filters.items()}
+    filters = {name: None if fitted is None else judge_only(fitted, counts, minimum[name]) for name, fitted in filters.items()}
+    if filters["classifier"] is not None and config.claim_threshold is not None:  # judges what the confidence filter does not
+        filters["claimed"] = ClaimFilter(filters["classifier"], config.claim_threshold).fit()
+    return filters
 
 
 def judging_minimum(config: FilterConfig, counts: np.ndarray) -> dict[str, int]:
     """Filter name -> the fewest real images of a class it judges: ``min_class_images``, and for the discriminator
     ``discriminator_min_class_images`` capped at the largest class (on balanced data it judges every class), never
-    below ``min_class_images`` (a class smaller than that is not filtered at all, whatever its rank)."""
-    minimum = {name: config.min_class_images for name in FILTERS}
+    below ``min_class_images`` (a class smaller than that is judged by no filter but the claim filter, whatever its
+    rank). The claim filter judges exactly the classes the confidence filter does not (:class:`~synthgen.filters.ClaimFilter`)."""
+    minimum = {name: config.min_class_images for name in FILTERS if name != "claimed"}
     if config.discriminator_min_class_images is not None:
         capped = min(config.discriminator_min_class_images, int(np.max(counts)))
         minimum["discriminator"] = max(config.min_class_images, capped)

@@ -10,6 +10,8 @@ without taking images away from training:
 * :class:`ConfidenceFilter` cross-fits: ``folds`` classifiers, each trained on the other folds,
   give every real image an out-of-fold probability of its class; the per-class threshold is a
   quantile of those. The classifier that scores candidates is then trained on every image.
+* :class:`ClaimFilter` guards the classes too small for the confidence filter to judge: it rejects a
+  sample of such a class that the same classifier gives to a class it does judge (p >= 0.5).
 * :class:`NoveltyFilter` takes each class's scale from leave-one-out nearest-neighbour distances
   within the class (a one-image class has none and uses the median scale of the others).
 * :class:`RealnessFilter` (the default discriminator filter, for any generator) is a discriminator
@@ -34,8 +36,8 @@ from synthgen.metrics import flat_pixels, nearest_distance, stratified_folds
 from synthgen.models.classifier import CNNClassifier
 from synthgen.tensors import to_tensor
 
-FILTERS = ("discriminator", "classifier", "novelty")
-SCORE_COLUMNS = {"discriminator": "d_score", "classifier": "classifier_prob", "novelty": "nn_distance"}
+FILTERS = ("discriminator", "classifier", "claimed", "novelty")
+SCORE_COLUMNS = {"discriminator": "d_score", "classifier": "classifier_prob", "claimed": "unclaimed", "novelty": "nn_distance"}
 
 
 def per_class_quantile(scores: np.ndarray, y: np.ndarray, n_classes: int, q: float, min_count: int = 1) -> np.ndarray:
@@ -272,6 +274,47 @@ class ConfidenceFilter(_Filter):
         if len(X) == 0:
             return np.zeros(0, dtype=np.float32)
         return self.classifier_.predict_proba(X)[np.arange(len(X)), np.asarray(y)]
+
+
+class ClaimFilter(_Filter):
+    """For a class too small to judge: reject a candidate that the real-data classifier gives to a class it judges.
+
+    The confidence filter passes every candidate of a class with fewer than ``filter.min_class_images``
+    images: trained on one or two of them, its classifier cannot tell a new style of the class from
+    a broken sample. It can still tell when a sample reads as another class it knows well. A class
+    that small borrows the style of every class on purpose, and some of its samples come out as one of
+    them (one MNIST image beside 1,000 of another class: 38% of its samples read as another digit to a
+    classifier trained on the test images), which teaches the downstream classifier the wrong label.
+    So a candidate of a class the confidence filter does not judge is rejected when the fitted
+    confidence classifier gives a class it judges p >= ``threshold`` (docs/RESULTS.md).
+
+    ``score`` is 1 - that largest p ("unclaimed", NaN for judged classes); a candidate passes when it is
+    at least 1 - ``threshold``.
+    """
+
+    def __init__(self, confidence: ConfidenceFilter | None = None, threshold: float = 0.5):
+        self.confidence = confidence
+        self.threshold = threshold
+
+    def fit(self, X: np.ndarray | None = None, y: np.ndarray | None = None) -> "ClaimFilter":
+        """Reads which classes the fitted ``confidence`` filter judges (:func:`judge_only`): it judges the others."""
+        claimants = getattr(self.confidence, "judged_", None)
+        if claimants is None:
+            raise ValueError("ClaimFilter needs a fitted ConfidenceFilter restricted by judge_only")
+        self.claimants_ = np.asarray(claimants, bool)
+        self.judged_ = ~self.claimants_ & self.claimants_.any()  # no class judged: nothing can claim, nothing is judged
+        self.thresholds_ = np.full(len(self.claimants_), 1.0 - float(self.threshold))
+        return self
+
+    def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        y = np.asarray(y, dtype=np.int64)
+        scores = np.full(len(y), np.nan)
+        rows = np.nonzero(self.judged_[y])[0] if len(y) else np.zeros(0, np.int64)
+        if len(rows):
+            proba = self.confidence.classifier_.predict_proba(np.asarray(X)[rows])
+            proba[np.arange(len(rows)), y[rows]] = 0.0
+            scores[rows] = 1.0 - proba[:, self.claimants_].max(axis=1)
+        return scores
 
 
 class NoveltyFilter(_Filter):

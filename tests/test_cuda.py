@@ -94,7 +94,7 @@ def test_the_default_filters_and_quality_run_on_cuda(tiny_prepared, tmp_path, mo
     train.main(config, tiny_prepared, models, tmp_path / "checkpoints")
     generate.main(config, tiny_prepared, models, pool)
     summary = flt.main(config, tiny_prepared, models, pool, synthetic)
-    assert summary["filters"] == {"discriminator": "on", "classifier": "on", "novelty": "on"}
+    assert summary["filters"] == {"discriminator": "on", "classifier": "on", "claimed": "on", "novelty": "on"}
     assert summary["accepted"] == len(artifacts.load_accepted(synthetic).y) > 0
     metrics = evaluate.main(config, tiny_prepared, synthetic, pool, reports, progress=False)
     quality = metrics["quality"]

@@ -137,6 +137,17 @@ def test_balanced_sampling_makes_logit_adjustment_a_no_op():
     torch.testing.assert_close(adjusted, ensemble.member_losses(logits, targets, weights, 0.0))
 
 
+def test_prior_rows_set_the_logit_adjustment_prior_from_those_rows_only():
+    from synthgen.models.members import training_data
+    X, y = np.zeros((110, 4, 4, 1), np.uint8), np.array([0] * 90 + [1] * 10 + [1] * 10)
+    real = np.arange(110) < 100  # the last 10 rows pose as synthetic samples of class 1
+    every_row = training_data(X, y, 2, 8, False, None, None, "cpu").prior
+    torch.testing.assert_close(every_row, torch.tensor([90 / 110, 20 / 110]))
+    torch.testing.assert_close(training_data(X, y, 2, 8, False, None, None, "cpu", real).prior, torch.tensor([0.9, 0.1]))
+    with pytest.raises(ValueError, match="prior_rows"):
+        training_data(X, y, 2, 8, False, None, None, "cpu", real[:50])
+
+
 def test_the_loop_trains_on_adjusted_logits_and_predicts_with_raw_ones():
     # random images carry no signal, so a CE model predicts the 9:1 prior; trained on logits + log(prior)
     # the raw logits forget it (Balanced Softmax) and the minority class gets about half the mass

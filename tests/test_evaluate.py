@@ -294,3 +294,17 @@ def test_unfiltered_ablation_takes_the_first_candidates_of_each_class_in_sample_
     pool = LabeledImages(np.zeros((7, 2, 2, 1), np.uint8), y, ("a", "b"), ids)
     rows = evaluate.first_candidates(pool, np.array([2, 1]))
     assert sorted(ids[rows].tolist()) == [0, 1, 3]  # class a: ids 1, 3; class b: id 0
+
+
+@pytest.mark.parametrize("prior", ["real", "all"])
+def test_arms_with_synthetic_images_take_the_logit_adjustment_prior_from_the_real_rows(prepared, prior):
+    spy = SpyFit()
+    config = FAST.model_copy(update={"steps": 4, "recipes": ("real", "real+logit_adjust"), "logit_adjust_prior": prior})
+    evaluate.run_arms(prepared.train, prepared.test, prepared.val, prepared.val, config, fit=spy)
+    n_real = len(prepared.train.y)
+    for call in spy.fits:
+        if len(call["y"]) == n_real or prior == "all":  # the baselines, and every arm under "all": every row's prior
+            assert call["prior_rows"] is None
+        else:  # the real rows come first, the synthetic (or unfiltered) ones after them
+            assert call["prior_rows"].tolist() == [True] * n_real + [False] * (len(call["y"]) - n_real)
+    assert sum(len(call["y"]) > n_real for call in spy.fits) >= 2  # the strongest recipe +synthetic and +unfiltered (and real+synthetic)

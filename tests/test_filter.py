@@ -136,12 +136,13 @@ def test_select_keeps_first_quota_and_explains_every_rejection():
         "sample_id": [5, 1, 2, 3, 4, 0], "label": [0, 0, 0, 1, 1, 0],
         "pass_discriminator": [True, False, True, True, True, True],
         "pass_classifier": [True, False, True, False, True, True],
+        "pass_claimed": [True, True, True, True, False, True],
         "pass_novelty": [True, True, False, True, True, True],
     })
     out = flt.select(table, np.array([1, 5]))
     assert out["sample_id"].tolist() == [0, 1, 2, 3, 4, 5]
-    assert out["rejected_by"].tolist() == ["", "discriminator", "novelty", "classifier", "", "quota"]
-    assert out["accepted"].tolist() == [True, False, False, False, True, False]
+    assert out["rejected_by"].tolist() == ["", "discriminator", "novelty", "classifier", "claimed", "quota"]
+    assert out["accepted"].tolist() == [True, False, False, False, False, False]
 
 
 def test_outputs_load_with_imagefolder_and_match_the_plan(tiny_prepared, models_root, pool_dir, tmp_path):
@@ -193,9 +194,9 @@ def test_classes_with_fewer_real_images_than_min_class_images_keep_every_candida
 def test_the_discriminator_skips_the_rare_classes_of_a_long_tail_and_judges_every_class_of_balanced_data():
     config = tiny_config().filter  # discriminator_min_class_images: 20, min_class_images: 5
     long_tail = flt.judging_minimum(config, np.array([50, 30, 18, 11, 6, 4, 2, 1, 1, 1]))
-    assert long_tail == {"discriminator": 20, "classifier": 5, "novelty": 5}
+    assert long_tail == {"discriminator": 20, "classifier": 5, "novelty": 5}  # the claim filter judges what "classifier" does not
     assert flt.judging_minimum(config, np.array([10] * 10))["discriminator"] == 10  # capped at the largest class
-    assert flt.judging_minimum(tiny_config(**{"filter.discriminator_min_class_images": "null"}).filter, np.array([50, 3])) == dict.fromkeys(flt.FILTERS, 5)
+    assert flt.judging_minimum(tiny_config(**{"filter.discriminator_min_class_images": "null"}).filter, np.array([50, 3])) == dict.fromkeys(["discriminator", "classifier", "novelty"], 5)
     # a largest class under min_class_images: no filter judges anything, the discriminator included (README's promise)
     assert flt.judging_minimum(config, np.array([2, 1, 1]))["discriminator"] == 5
 

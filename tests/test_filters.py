@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthgen.filters import ConfidenceFilter, NoveltyFilter, RealnessFilter, judge_only, per_class_quantile
+from synthgen.filters import ClaimFilter, ConfidenceFilter, NoveltyFilter, RealnessFilter, judge_only, per_class_quantile
 from synthgen.metrics import stratified_folds
 from synthgen.models import interpolate_codes
 
@@ -167,3 +167,26 @@ def test_posthoc_discriminator_caps_its_rejections_on_generated_images_no_fold_l
     assert realness.keep(calibration_x, y).mean() >= 0.85  # at most about the quantile's share of each class
     unseen_fake = _blurred(_digits(20, 80)[0], 1)
     assert realness.keep(unseen_fake, y).mean() >= 0.7
+
+
+def test_claim_filter_rejects_a_rare_class_sample_that_reads_as_a_judged_class():
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
+    zeros, ones, eights = (np.nonzero(digits.target == d)[0] for d in (0, 1, 8))
+    X = np.concatenate([images[zeros[:40]], images[ones[:40]], images[eights[:1]]])
+    y = np.repeat([0, 1, 2], [40, 40, 1])  # class 2: one image, too few for the confidence filter to judge
+    confidence = judge_only(ConfidenceFilter(3, steps=150, folds=0, random_state=0).fit(X, y), np.bincount(y), min_images=5)
+    candidates = np.concatenate([images[zeros[40:50]], images[eights[:1]], images[zeros[40:45]]])
+    labels = np.array([2] * 11 + [0] * 5)  # ten zeros labelled as the rare class, its own image, five zeros labelled 0
+    rejected = {}
+    for threshold in (0.2, 0.5, 0.9):
+        claim = ClaimFilter(confidence, threshold).fit()
+        assert claim.judged_.tolist() == [False, False, True]  # exactly what the confidence filter does not judge
+        scores = claim.score(candidates, labels)
+        assert np.isnan(scores[11:]).all() and claim.passes(scores, labels)[10:].all()  # its own image and class 0 pass
+        rejected[threshold] = int((~claim.passes(scores, labels)).sum())
+    assert rejected[0.5] >= 8  # zeros called the rare class read as zeros
+    assert rejected[0.2] >= rejected[0.5] >= rejected[0.9]  # a higher threshold rejects fewer
+    nothing_judged = judge_only(ConfidenceFilter(3, steps=20, folds=0).fit(X, y), np.bincount(y), min_images=50)
+    assert not ClaimFilter(nothing_judged).fit().judged_.any()  # no judged class: nothing can claim a sample

@@ -78,7 +78,7 @@ def test_filtered_output_is_deterministic_with_random_state():
     X_c, _ = sampler(train=TRAINED, filter=FILTERED, random_state=6).fit_resample(X, y)
     assert X_c.shape[0] != X_a.shape[0] or not np.array_equal(X_c, X_a)
     summary = first.filter_summary_
-    assert summary["filters"] == {"discriminator": "on", "classifier": "on", "novelty": "on"}  # a posthoc D for the cVAE
+    assert summary["filters"] == {"discriminator": "on", "classifier": "on", "claimed": "on", "novelty": "on"}  # a posthoc D for the cVAE
     accepted = [summary["per_class"][name]["accepted"] for name in ("0", "1", "2")]
     assert class_counts(y_a, (0, 1, 2)) == (np.array(COUNTS) + accepted).tolist()
     assert accepted[1] > 0 and accepted[2] > 0 and all(count <= 12 for count in class_counts(y_a, (0, 1, 2)))

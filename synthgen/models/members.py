@@ -45,7 +45,7 @@ class TrainingData:
     device: torch.device
 
 
-def training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets, device) -> TrainingData:
+def training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets, device, prior_rows=None) -> TrainingData:
     """Validate the inputs and put them on ``device`` (see :func:`fit_members`)."""
     X, y = np.asarray(X), np.asarray(y).astype(np.int64)
     if X.ndim != 4 or X.dtype != np.uint8:
@@ -54,6 +54,8 @@ def training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets,
         raise ValueError(f"X has {len(X)} images but y has {len(y)} labels")
     if sample_weight is not None and np.shape(sample_weight) != (len(y),):
         raise ValueError(f"sample_weight must have shape {(len(y),)}, got {np.shape(sample_weight)}")
+    if prior_rows is not None and (np.shape(prior_rows) != (len(y),) or not np.any(prior_rows)):
+        raise ValueError(f"prior_rows must be a bool mask of shape {(len(y),)} with a True row, got shape {np.shape(prior_rows)}")
     n_classes = n_classes or int(y.max()) + 1
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {y.min()}..{y.max()}")
@@ -66,7 +68,8 @@ def training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets,
     else:
         targets = np.asarray(soft_targets, dtype=np.float32)
     weights = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, dtype=np.float32)
-    prior = ensemble.sampling_prior(y, probs, n_classes, sample_weight)
+    rows = np.ones(len(y), bool) if prior_rows is None else np.asarray(prior_rows, bool)
+    prior = ensemble.sampling_prior(y[rows], probs[rows], n_classes, None if sample_weight is None else weights[rows])
 
     def on_device(array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.float32, device=device)
@@ -159,7 +162,7 @@ AUTO_BATCH_MAX_PIXELS = 16 * 16  # batched="auto" on the CPU: only small images 
 def task_members(X, y, seeds: list[int], *, n_classes=None, width=32, steps=300, batch_size=64, lr=2e-3,
                  weight_decay=5e-4, balanced=False, augment=False, allow_flips=False, label_smoothing=0.0,
                  loss="ce", logit_adjust_tau=1.0, mixup_alpha=0.0, sample_weight=None, soft_targets=None,
-                 device="auto") -> list[Member]:
+                 prior_rows=None, device="auto") -> list[Member]:
     """One task's members (one per seed), its inputs validated and put on the device (arguments: :func:`fit_members`)."""
     seeds = [int(seed) for seed in seeds]
     if not seeds:
@@ -168,7 +171,7 @@ def task_members(X, y, seeds: list[int], *, n_classes=None, width=32, steps=300,
         raise ValueError(f"unknown loss {loss!r}; choose from {list(ensemble.LOSSES)}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    data = training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets, resolve_device(device))
+    data = training_data(X, y, n_classes, width, balanced, sample_weight, soft_targets, resolve_device(device), prior_rows)
     recipe = ensemble.Recipe(steps, batch_size, lr, weight_decay, augment, allow_flips, label_smoothing, loss, logit_adjust_tau, mixup_alpha)
     return [Member(data, recipe, seed) for seed in seeds]
 
@@ -224,8 +227,9 @@ def fit_members(X, y, seeds: list[int], *, batched: bool | str = "auto", cpu_bf1
     (N,) scales each row's loss (sum(w * l) / sum(w)); ``soft_targets`` (N, K) probabilities replace the
     one-hot targets (``y`` still drives sampling). ``loss="logit_adjusted"`` trains on logits + tau *
     log(prior), prior = the class distribution of the batches (:func:`ensemble.sampling_prior`);
-    prediction uses the raw logits. Under ``balanced=True`` without sample weights the prior is uniform
-    and the adjustment is a no-op. ``mixup_alpha > 0`` mixes each augmented batch with a permutation of
+    prediction uses the raw logits; ``prior_rows`` (N,) bool limits that prior to some rows (the real
+    images, when the rest are synthetic). Under ``balanced=True`` without sample weights the prior is
+    uniform and the adjustment is a no-op. ``mixup_alpha > 0`` mixes each augmented batch with a permutation of
     itself, lam ~ Beta(alpha, alpha) per sample, targets and weights mixed alike. ``batched`` and
     ``cpu_bf16``: see :func:`fit_tasks` (all seeds as one grouped network, or one at a time; the precision).
     """
