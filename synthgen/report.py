@@ -133,6 +133,9 @@ def selection_text(metrics: dict) -> str:
     if scores and not any(_scored(value) for value in selection["recipe_scores"].values()):
         return (f"{budget} No recipe could be scored out-of-fold (no class has images in two folds); "
                 f"`{selection['best_recipe']}`, the first listed, got the synthetic set first.")
+    if "logit_adjust" in selection["best_recipe"] and metrics.get("evaluate", {}).get("logit_adjust_prior") == "real":
+        budget += (" With the synthetic set, the logit adjustment's prior is the real training images' class counts "
+                   "(`evaluate.logit_adjust_prior: real`): train your own classifier on the accepted set the same way.")
     if selection.get("chosen_by", "out-of-fold") == "test":
         given = " got the synthetic set and the unfiltered ablation" if metrics.get("filter_ablation") else " gets the synthetic set"
         return (f"{budget} Every recipe was scored on the test set; the strongest there, `{selection['best_recipe']}`,"

@@ -65,6 +65,10 @@ def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chose
     assert "stopped improving" not in text and "was selected" not in text
     balanced = {"selection": {**on_test["selection"], "same_network": {"real+logit_adjust": "real"}}}
     assert "`real+logit_adjust` as `real`" in report.selection_text(balanced)
+    assert "prior" not in report.selection_text(on_test)  # no evaluate section: nothing said about the prior
+    real_prior = {**on_test, "evaluate": {"logit_adjust_prior": "real"}}
+    assert "`evaluate.logit_adjust_prior: real`" in report.selection_text(real_prior)
+    assert "prior" not in report.selection_text({**real_prior, "evaluate": {"logit_adjust_prior": "all"}})
 
 
 def test_main_writes_report_and_pngs(tiny_prepared, tmp_path):
