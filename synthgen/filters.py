@@ -289,7 +289,7 @@ class ClaimFilter(_Filter):
     confidence classifier gives a class it judges p >= ``threshold`` (docs/RESULTS.md).
 
     ``score`` is 1 - that largest p ("unclaimed", NaN for judged classes); a candidate passes when it is
-    at least 1 - ``threshold``.
+    at least 1 - ``threshold`` (p <= ``threshold``: a tie at exactly the threshold passes).
     """
 
     def __init__(self, confidence: ConfidenceFilter | None = None, threshold: float = 0.5):
