@@ -27,7 +27,7 @@ from synthgen.tensors import to_tensor
 from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
 from synthgen.png_tree import write_tree
 
-MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", "d_score", "classifier_prob", "nn_distance", "accepted", "rejected_by"]
+MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", *(SCORE_COLUMNS[name] for name in FILTERS), "accepted", "rejected_by"]
 GRID_PER_CLASS = 8
 
 

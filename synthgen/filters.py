@@ -1,29 +1,24 @@
-"""The three candidate filters, scikit-learn style, each fitted on REAL images only.
+"""The candidate filters, scikit-learn style, each fitted on REAL images only.
 
 ``fit`` returns self, ``score(X, y)`` gives per-sample scores, ``keep(X, y)`` a bool mask and
 ``passes(scores, y)`` the same mask from precomputed scores; ``thresholds_`` holds one cut per class.
 
-Calibration needs real images the filter did not learn from. The user's labeled images are all
-they have, so none is held out by default (``data.val_per_class: 0``); each filter then calibrates
-without taking images away from training:
+Calibration needs real images the filter did not learn from. The user's labeled images are all they
+have, so none is held out by default (``data.val_per_class: 0``; with held-out ``X_val`` every
+filter calibrates on those instead); each filter then calibrates without taking images from training:
 
-* :class:`ConfidenceFilter` cross-fits: ``folds`` classifiers, each trained on the other folds,
-  give every real image an out-of-fold probability of its class; the per-class threshold is a
-  quantile of those. The classifier that scores candidates is then trained on every image.
-* :class:`ClaimFilter` guards the classes too small for the confidence filter to judge: it rejects a
-  sample of such a class that the same classifier gives to a class it does judge (p >= 0.5).
+* :class:`ConfidenceFilter` cross-fits: ``folds`` classifiers, each trained on the other folds, give
+  every real image an out-of-fold probability of its class; the per-class threshold is a quantile of
+  those. The classifier that scores candidates is then trained on every image. :class:`ClaimFilter`
+  uses it on the classes too small to judge: a sample it gives to a judged class (p > 0.5) is rejected.
 * :class:`NoveltyFilter` takes each class's scale from leave-one-out nearest-neighbour distances
   within the class (a one-image class has none and uses the median scale of the others).
 * :class:`RealnessFilter` (the default discriminator filter, for any generator) is a discriminator
   trained after the generator on real vs generated images and cross-fitted the same way, so its
   thresholds come from real and generated images it did not train on.
 * :class:`DiscriminatorFilter` (``filter.discriminator_source: model``) scores with the generator's
-  own discriminator, which saw every training image (it never saw held-out ones when
-  ``data.val_per_class`` or ``data.val_source`` provides them).
-
-With held-out images (``X_val``) every filter calibrates on those instead.
+  own discriminator, which saw every training image (never the held-out ones).
 """
-
 from __future__ import annotations
 
 import numpy as np
@@ -141,10 +136,9 @@ class RealnessFilter(_Filter):
       one fold model's, not the mean of all, and on an MNIST long tail the cut they gave rejected
       up to 8.5% of a class's candidates at ``quantile`` 0.02.
 
-    The default share is small on purpose: the least real samples are also the least typical, and
-    on MNIST long tails cutting 10 % of them cost about a point of balanced accuracy against the
-    unfiltered candidates, while 2 % guards against broken samples at a cost within the noise
-    (bench/bench_filter_ablation.py, docs/RESULTS.md).
+    The default share is small on purpose: the least real samples are also the least typical; on MNIST
+    long tails cutting 10 % of them cost about a point against the unfiltered candidates, while 2 %
+    guards against broken samples at a cost within the noise (bench/bench_filter_ablation.py).
 
     ``separation_`` is the out-of-fold ROC AUC of real against generated (0.5: indistinguishable).
     """
@@ -251,7 +245,7 @@ class ConfidenceFilter(_Filter):
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> "ConfidenceFilter":
         X, y = np.asarray(X), np.asarray(y).astype(np.int64)
         n_classes = self.n_classes or int(np.max(y)) + 1
-        self.classifier_ = clone(self._base(n_classes)).fit(X, y)
+        self.classifier_, self._last_proba = clone(self._base(n_classes)).fit(X, y), None
         self.n_fit_samples_ = len(X)  # what the scoring classifier saw: the real training images, nothing else
         self.thresholds_ = np.full(n_classes, float(self.threshold))
         self.calibrated_on_ = "none (the global threshold)"
@@ -273,23 +267,29 @@ class ConfidenceFilter(_Filter):
     def score(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         if len(X) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self.classifier_.predict_proba(X)[np.arange(len(X)), np.asarray(y)]
+        return self.proba(X)[np.arange(len(X)), np.asarray(y)]
+
+    def proba(self, X: np.ndarray) -> np.ndarray:
+        """(N, K) scoring-classifier probabilities; the last array's are kept, so the claim filter reuses them."""
+        last = getattr(self, "_last_proba", None)
+        if last is None or last[0] is not X:
+            last = self._last_proba = (X, self.classifier_.predict_proba(X))
+        return last[1]
+
+    def __getstate__(self):  # the kept batch is not shipped to executor workers
+        return {key: value for key, value in super().__getstate__().items() if key != "_last_proba"}
 
 
 class ClaimFilter(_Filter):
     """For a class too small to judge: reject a candidate that the real-data classifier gives to a class it judges.
 
-    The confidence filter passes every candidate of a class with fewer than ``filter.min_class_images``
-    images: trained on one or two of them, its classifier cannot tell a new style of the class from
-    a broken sample. It can still tell when a sample reads as another class it knows well. A class
-    that small borrows the style of every class on purpose, and some of its samples come out as one of
-    them (one MNIST image beside 1,000 of another class: 38% of its samples read as another digit to a
-    classifier trained on the test images), which teaches the downstream classifier the wrong label.
-    So a candidate of a class the confidence filter does not judge is rejected when the fitted
-    confidence classifier gives a class it judges p >= ``threshold`` (docs/RESULTS.md).
-
-    ``score`` is 1 - that largest p ("unclaimed", NaN for judged classes); a candidate passes when it is
-    at least 1 - ``threshold`` (p <= ``threshold``: a tie at exactly the threshold passes).
+    Trained on one or two images of a class, the confidence filter's classifier cannot tell a new style
+    of it from a broken sample, but it can tell a sample that reads as a class it knows well. Such a
+    class borrows every class's style, and some samples become one of them (one MNIST image beside
+    1,000 of another: 38% read as another digit), teaching the wrong label. So a candidate of a class
+    the confidence filter does not judge is rejected when its classifier gives a judged class
+    p > ``threshold`` (docs/RESULTS.md). ``score`` is 1 - that largest p ("unclaimed", NaN for judged
+    classes); a candidate passes when it is at least 1 - ``threshold``.
     """
 
     def __init__(self, confidence: ConfidenceFilter | None = None, threshold: float = 0.5):
@@ -311,7 +311,7 @@ class ClaimFilter(_Filter):
         scores = np.full(len(y), np.nan)
         rows = np.nonzero(self.judged_[y])[0] if len(y) else np.zeros(0, np.int64)
         if len(rows):
-            proba = self.confidence.classifier_.predict_proba(np.asarray(X)[rows])
+            proba = self.confidence.proba(X)[rows]  # a copy: the cached probabilities stay as they are
             proba[np.arange(len(rows)), y[rows]] = 0.0
             scores[rows] = 1.0 - proba[:, self.claimants_].max(axis=1)
         return scores
