@@ -114,7 +114,8 @@ def main(
                              latent=latent, latent_noise=generate.requested_latent_noise(config.generate),
                              borrow_below=config.generate.borrow_style_below)
 
-    table = Table(title=f"train bench: {config.train.model}, {per_class}/class, {config.train.steps} steps, latent={latent} ({source})")
+    scarce = f"{config.data.per_class}/class" if config.data.per_class else f"long tail {config.data.long_tail}"  # what --set chose
+    table = Table(title=f"train bench: {config.train.model}, {scarce}, {config.train.steps} steps, latent={latent} ({source})")
     for column in ("class", "CAS accuracy", "diversity ratio", "pixel diversity ratio"):
         table.add_column(column, justify="right")
     for k, row in scores["per_class"].items():
