@@ -122,6 +122,14 @@ def first_candidates(pool: LabeledImages, counts: np.ndarray) -> np.ndarray:
     return np.sort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
 
 
+def differing_samples(synthetic: LabeledImages | None, unfiltered: LabeledImages | None) -> int | None:
+    """How many accepted samples the unfiltered ablation lacks (by sample id): the filters' rejections among the
+    first candidates, each replaced by a later one. None without both sets or their ids."""
+    if synthetic is None or unfiltered is None or synthetic.index is None or unfiltered.index is None:
+        return None
+    return int(len(np.setdiff1d(synthetic.index, unfiltered.index)))
+
+
 # ------------------------------------------------------------------------ tables
 def tail_classes(train_counts: np.ndarray, n_tail: int = 5) -> np.ndarray:
     """The ``n_tail`` classes with the fewest real training images (at most half of the classes)."""
@@ -252,6 +260,7 @@ def run_arms(
         "train": int(len(real_train.y)), "test": int(len(test.y)),
         **{key: 0 if value is None else int(len(value.y)) for key, value in extras.items()},
         "train_per_class": real_train.counts().tolist(), "tail_classes": tail.tolist(),
+        "filter_differing": differing_samples(extras["synthetic"], extras["unfiltered"]),
     }
     selection = {"steps": steps, "budget_curve": curve, "recipe_scores": recipe_scores, "best_recipe": best.name,
                  "chosen_by": "test" if chosen is None else "out-of-fold", "folds": config.selection_folds,

@@ -145,12 +145,17 @@ def selection_text(metrics: dict) -> str:
 
 
 # -------------------------------------------------------------------- markdown
-def ablation_text(ablation: dict | None) -> str:
-    """One sentence on whether filtering paid: filtered minus unfiltered samples, same recipe and class counts."""
+def ablation_text(ablation: dict | None, counts: dict | None = None) -> str:
+    """Whether filtering paid: filtered minus unfiltered samples, same recipe and class counts, and how many samples differ."""
     if not ablation:
         return "_No filter ablation (no accepted or no unfiltered samples)._"
-    return (f"Filtering against no filtering: `{ablation['filtered']}` minus `{ablation['unfiltered']}` (as many raw "
+    text = (f"Filtering against no filtering: `{ablation['filtered']}` minus `{ablation['unfiltered']}` (as many raw "
             f"candidates per class): {_interval(ablation['gain'], signed=True)} points balanced accuracy.")
+    differing = (counts or {}).get("filter_differing")
+    if differing is not None:  # a handful of swapped samples: the interval is the classifier's own noise (docs/RESULTS.md)
+        text += (f" The two sets share all but {differing} of their {counts['synthetic']} samples: what the filters "
+                 "rejected among the first candidates, and what replaced it.")
+    return text
 
 
 def render_markdown(metrics: dict, card: dict) -> str:
@@ -195,7 +200,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
         f"Thresholds calibrated on {card.get('calibration') or 'n/a'}. Counts before/after filtering. Filter params: "
         + ", ".join(f"`{k}={v}`" for k, v in ((card.get("params") or {}).get("filter") or {}).items()) + ".",
         "",
-        ablation_text(metrics.get("filter_ablation")),
+        ablation_text(metrics.get("filter_ablation"), metrics.get("counts")),
         "",
         markdown_table(filter_rows(card.get("filter_summary"))),
         "",

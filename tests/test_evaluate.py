@@ -296,6 +296,16 @@ def test_unfiltered_ablation_takes_the_first_candidates_of_each_class_in_sample_
     assert sorted(ids[rows].tolist()) == [0, 1, 3]  # class a: ids 1, 3; class b: id 0
 
 
+def test_differing_samples_counts_the_accepted_ids_the_unfiltered_ablation_lacks():
+    """Accepted 1, 3, 4 against the first candidates 0, 1, 3: the filters rejected 0 and took 4 in its place."""
+    x = np.zeros((3, 2, 2, 1), np.uint8)
+    accepted = LabeledImages(x, np.array([0, 0, 1]), ("a", "b"), np.array([1, 3, 4]))
+    unfiltered = LabeledImages(x, np.array([0, 0, 1]), ("a", "b"), np.array([0, 1, 3]))
+    assert evaluate.differing_samples(accepted, unfiltered) == 1
+    assert evaluate.differing_samples(accepted, accepted) == 0
+    assert evaluate.differing_samples(accepted, None) is None
+
+
 @pytest.mark.parametrize("prior", ["real", "all"])
 def test_arms_with_synthetic_images_take_the_logit_adjustment_prior_from_the_real_rows(prepared, prior):
     spy = SpyFit()

@@ -48,6 +48,14 @@ def test_render_markdown_has_verdict_and_tables(metrics, tiny_prepared):
     assert "## Limitations" in text
 
 
+def test_ablation_text_says_how_many_samples_the_filtered_and_unfiltered_sets_differ_in():
+    ablation = {"filtered": "real+synthetic", "unfiltered": "real+unfiltered", "gain": {"mean": -0.004, "ci_low": -0.01, "ci_high": 0.002}}
+    text = report.ablation_text(ablation, {"synthetic": 1000, "filter_differing": 9})
+    assert "-0.40" in text and "share all but 9 of their 1000 samples" in text
+    assert "share all but" not in report.ablation_text(ablation, {"synthetic": 1000, "filter_differing": None})
+    assert report.ablation_text(None).startswith("_No filter ablation")
+
+
 def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chosen():
     curve = [{"steps": 500, "balanced_accuracy": 0.7}, {"steps": 1000, "balanced_accuracy": 0.702}]
     on_test = {"selection": {"steps": 500, "budget_curve": curve, "recipe_scores": {}, "best_recipe": "real+logit_adjust",
