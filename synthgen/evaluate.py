@@ -124,7 +124,7 @@ def first_candidates(pool: LabeledImages, counts: np.ndarray) -> np.ndarray:
 
 def differing_samples(synthetic: LabeledImages | None, unfiltered: LabeledImages | None) -> int | None:
     """How many accepted samples the unfiltered ablation lacks (by sample id): the filters' rejections among the
-    first candidates, each replaced by a later one. None without both sets or their ids."""
+    first candidates, each replaced by a later one (and the random pick of synthetic_per_class). None without ids."""
     if synthetic is None or unfiltered is None or synthetic.index is None or unfiltered.index is None:
         return None
     return int(len(np.setdiff1d(synthetic.index, unfiltered.index)))
