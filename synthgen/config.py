@@ -181,7 +181,7 @@ class FilterConfig(Section):
     )
     claim_threshold: float | None = Field(
         0.5, ge=0, le=1, description="A candidate of a class too small for the confidence filter to judge (filter.min_class_images) "
-        "is rejected when its classifier gives a class it judges at least this probability: the sample reads as that class "
+        "is rejected when its classifier gives a class it judges more than this probability: the sample reads as that class "
         "(null: off). MNIST, 1,000 / 40 / 1 images of three digits: the accepted set beat the unfiltered one by 8.2 points (docs/RESULTS.md)."
     )
     novelty: bool = Field(True, description="Reject near-copies of training images.")
