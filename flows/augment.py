@@ -234,6 +234,7 @@ def augment(params: FlowParams = FlowParams()) -> dict:
     project = Path(params.project_dir).resolve()
     if not (project / "dvc.yaml").is_file():
         raise ConfigError(f"no dvc.yaml in {project}: run from the synthgen project root")
+    params_text = (project / "params.yaml").read_text()
     if apply_params(project / "params.yaml", params.to_overrides()):
         logger.info("params.yaml updated: %s", " ".join(params.to_overrides()))
     runner = reproduce_stage.with_options(retries=params.retries, retry_delay_seconds=params.retry_delay_seconds)
@@ -243,7 +244,8 @@ def augment(params: FlowParams = FlowParams()) -> dict:
             outcomes[stage] = runner(stage, str(project))
         except StageFailed:
             restored = restore_outputs(stage, project)
-            logger.error("stage %s failed; previous outputs checked out again: %s", stage, restored)
+            atomic_write_text(project / "params.yaml", params_text)  # a failed run leaves params.yaml as it found it
+            logger.error("stage %s failed; params.yaml and the previous outputs as they were: %s", stage, restored)
             raise
         logger.info("stage %s: %s", stage, outcomes[stage])
     pushed = False

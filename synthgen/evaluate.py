@@ -18,11 +18,10 @@ synthetic arm's, grouped where that pays: ``evaluate.batched``; bf16 on CPUs tha
 The step budget is chosen on the real training images alone (k-fold, :mod:`synthgen.recipes`), and
 so is the recipe when only one is tested. The verdict compares the strongest treatment with the
 strongest baseline, both by mean test balanced accuracy, paired by seed, with a t-interval over the
-seeds: ``recommended`` only when the interval lies above zero (the comparison an independent scorer
-makes). When every recipe is tested the out-of-fold recipe selection is skipped: the verdict does
-not use it, and on scarce data it is a coin toss (docs/RESULTS.md). The test split only ever
-reaches ``predict``; its scores decide which recipe gets the synthetic set (and trains the
-soft-label teacher, when ``evaluate.soft_label_mix`` > 0), as they decide the verdict.
+seeds: ``recommended`` only when the interval lies above zero (as an independent scorer compares).
+When every recipe is tested none is selected out-of-fold (a coin toss on scarce data: docs/RESULTS.md).
+The test split only ever reaches ``predict``; its scores decide which recipe gets the synthetic set
+(and trains the soft-label teacher, when ``evaluate.soft_label_mix`` > 0), as they decide the verdict.
 """
 
 from __future__ import annotations
@@ -81,8 +80,9 @@ def training_set(real_train: LabeledImages, extra: LabeledImages | None, extra_w
     n_real = len(real_train.y)
     if extra is None or len(extra.y) == 0:
         return real_train.x, real_train.y, np.ones(n_real, np.float32), np.ones(n_real, bool)
-    if extra.image_shape != real_train.image_shape:
-        raise DataError(f"synthetic images have shape {extra.image_shape}, real train images {real_train.image_shape}")
+    if extra.image_shape != real_train.image_shape or extra.class_names != real_train.class_names:  # stale: prepare reran alone
+        raise DataError(f"synthetic images of classes {list(extra.class_names)} and shape {extra.image_shape}, real train images of "
+                        f"{list(real_train.class_names)} and {real_train.image_shape}: rerun generate and filter (dvc repro)")
     x = np.concatenate([real_train.x, extra.x])
     y = np.concatenate([real_train.y, extra.y]).astype(np.int64)
     weight = np.concatenate([np.ones(n_real), np.full(len(extra.y), extra_weight)]).astype(np.float32)
@@ -163,8 +163,8 @@ def strongest(summary: dict, arms: list[str]) -> str:
 def decide(summary: dict, gains: dict, baseline: str, treatments: list[str]) -> dict:
     """Verdict of the strongest ``+synthetic`` arm against the strongest baseline (both by test mean).
 
-    Choosing both on test is the comparison an independent scorer makes ("the accepted set against
-    the best recipe without it"); the selection effect is symmetric and stated in the report.
+    Both chosen on test, as an independent scorer would; the side without is the best of more arms
+    and the test winner's luck is given back by the paired gain: conservative (the report says so).
     ``gains`` are paired per seed against ``baseline``.
     """
     if not treatments:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from synthgen.config import Config, GenerateConfig
+from synthgen.config import Config, ConfigError, GenerateConfig
 from synthgen.artifacts import POOL_SUMMARY
 from synthgen.data import DataError, load_prepared
 from synthgen.device import autocast, resolve_device
@@ -209,6 +209,10 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     prepared = load_prepared(prepared_dir)
     real_counts = prepared.train.counts()
     quotas = compute_quotas(real_counts, gen)
+    if not quotas.any():  # evaluate would have nothing to compare, and filter nothing to judge
+        raise ConfigError(f"generate.balance={gen.balance} asks no sample of any class (training counts {real_counts.tolist()}, "
+                          f"generate.min_per_class={gen.min_per_class}): raise generate.min_per_class "
+                          "(or generate.count for to_count, generate.ratio for ratio)")
     requests = first_round_requests(quotas, gen.oversample)
     model_path = model_path_for(config, models_root)
     if not model_path.is_file():

@@ -87,16 +87,21 @@ def write_tree(shards: list[Path], out_dir: str | Path, class_names, workers: in
     """Write every image of ``shards`` as ``out_dir/<class_name>/<sample_id>.png``; returns the number written.
 
     ``workers`` processes (or ``"auto"``: :func:`resolve_workers`) write every ``workers``-th shard each;
-    1 writes in this process. The class directories are made first, every one of them, even when empty.
+    1 writes in this process. The class directories are made first, every one of them, and one left
+    empty gets a hidden ``.keep`` file: DVC stores no empty directory, and without it a checkout would
+    drop the class and shift every later class's ImageFolder label by one.
     """
     out_dir, class_names = Path(out_dir), tuple(str(name) for name in class_names)
     for name in class_names:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     jobs = [ShardJob(str(path), str(out_dir), class_names) for path in shards]
     processes = resolve_workers(workers, sum(shard_sizes(shards)), len(jobs))
-    if processes == 1:
-        return sum(write_shard(job) for job in jobs)
-    return sum(_run_writers([jobs[first::processes] for first in range(processes)]))
+    written = sum(write_shard(job) for job in jobs) if processes == 1 else sum(_run_writers([jobs[first::processes] for first in range(processes)]))
+    for name in class_names:
+        if not any((out_dir / name).iterdir()):
+            (out_dir / name / ".keep").write_text(f"No sample of class {name!r} was accepted. This file keeps the class's folder "
+                                                  "(and the labels of the classes after it) through DVC.\n")
+    return written
 
 
 def _run_writers(parts: list[list[ShardJob]]) -> list[int]:

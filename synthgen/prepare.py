@@ -148,7 +148,28 @@ def make_splits(images: LabeledImages, config: DataConfig, test_images: LabeledI
     if val_images is not None:
         splits["val"] = val_images
     _check_disjoint(splits, [split for split in SPLITS if origin[split] is images])
+    notes += _check_copies(splits)
     return PreparedData(meta=_meta(images, config, splits, notes), **splits)
+
+
+def _check_copies(splits: dict[str, LabeledImages]) -> list[str]:
+    """Notes on test / val images identical to a training image; a DataError when they are most of the split.
+
+    Disjoint indices do not make disjoint images: ``data.test_source`` may be ``data.source`` under
+    another name (``./x.npz``, an absolute path, a link) or a copy of it, and then every arm would be
+    scored on its own training images (or the filters calibrated on them).
+    """
+    train = {image.tobytes() for image in splits["train"].x}
+    notes = []
+    for name in ("test", "val"):
+        split = splits[name]
+        copies = sum(image.tobytes() in train for image in split.x)
+        if copies * 2 > len(split.y):
+            raise DataError(f"{copies} of the {len(split.y)} {name} images are identical to training images: the {name} set "
+                            f"must be other images (is data.{name}_source data.source under another name, or a copy of it?)")
+        if copies:
+            notes.append(f"{copies} of the {len(split.y)} {name} images are identical to a training image")
+    return notes
 
 
 def _test_source_positions(test_images: LabeledImages, label: int, name: str, config: DataConfig) -> np.ndarray:

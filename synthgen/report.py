@@ -20,9 +20,10 @@ from synthgen.io import atomic_dir, atomic_write_text, read_json
 
 LIMITATIONS = (
     "The verdict compares the strongest arm with synthetic images against the strongest without, both "
-    "picked by mean test balanced accuracy: the selection effect is the same on both sides. The recipe "
-    "given the synthetic set is the strongest on test too (chosen out-of-fold on the training images only "
-    "when evaluate.test_every_recipe is false), as stated above. The paired t-interval over "
+    "picked by mean test balanced accuracy (the recipe given the synthetic set is the strongest on test, or "
+    "chosen out-of-fold on the training images when evaluate.test_every_recipe is false). The side without is "
+    "the best of more arms, and the recipe given the synthetic set is the one test luck lifted most, so the "
+    "selection favours the side without: the verdict errs towards not recommended. The paired t-interval over "
     "classifier seeds does not cover the randomness of the labeled images, the generator or the filter.",
     "Seeds vary only the downstream classifier (weights, batches, augmentation), not the scarce "
     "train split: a different draw of the few labeled images can change the conclusion.",

@@ -84,7 +84,9 @@ class SynthgenSampler(BaseSampler):
 
     Fitted attributes: ``classes_`` (labels in sorted order), ``sampling_strategy_`` (label ->
     synthetic quota), ``generator_`` (the trained :class:`synthgen.models.ConditionalGenerator`),
-    ``filters_``, ``train_summary_``, ``filter_summary_`` (per-class acceptance, shortfalls).
+    ``filters_``, ``train_summary_``, ``filter_summary_`` (per-class acceptance, shortfalls). When every
+    quota is 0 (balanced data under ``to_max`` with ``min_per_class: 0``) nothing is trained:
+    ``fit_resample`` returns ``X, y`` and ``generator_`` is None.
     """
 
     _sampling_type = "over-sampling"
@@ -132,6 +134,10 @@ class SynthgenSampler(BaseSampler):
         self.classes_, codes = np.unique(y, return_inverse=True)
         quotas = np.array([self.sampling_strategy_.get(label, 0) for label in self.classes_], dtype=np.int64)
         n_classes = len(self.classes_)
+        if not quotas.any():  # nothing to over-sample (e.g. balanced data under to_max): X, y as they are, no training
+            self.generator_, self.filters_, self.train_summary_ = None, {}, None
+            self.filter_summary_ = {"generated": 0, "accepted": 0, "quota": 0, "shortfalls": {}, "per_class": {}}
+            return X, y
         generator, _, self.train_summary_ = train_stage.fit_generator(train_config, images, codes, n_classes=n_classes)
         device = str(resolve_device(generate_config.device))
         self.generator_ = generator.fuse().to(device)  # weights are final: sample as a loaded generator does

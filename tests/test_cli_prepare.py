@@ -137,3 +137,26 @@ def test_one_image_classes_are_accepted_and_every_image_trains(tmp_path):
     assert sorted(prepared.train.index.tolist()) == list(range(sum(counts.values())))  # every source image
     assert len(prepared.val.y) == 0 and prepared.test.counts().tolist() == [3, 3, 3, 3]
     assert prepared.meta["split_sources"] == {"train": "source", "val": "source", "test": "test_source"}
+
+
+def test_training_folder_under_another_name_as_test_source_is_refused(tmp_path):
+    write_folder(tmp_path / "images", {"cat": 3, "dog": 2})
+    (tmp_path / "alias").symlink_to(tmp_path / "images")  # the same folder through a link: its own string, the same images
+    result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'alias'}")
+    assert_refused(result, tmp_path, "5 of the 5 test images are identical to training images", "data.test_source")
+    result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'images'}/.")
+    assert_refused(result, tmp_path, "5 of the 5 test images are identical to training images")
+    write_npz(tmp_path / "test.npz", ["cat", "dog"])
+    result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'test.npz'}", f"data.val_source={tmp_path / 'alias'}")
+    assert_refused(result, tmp_path, "5 of the 5 val images are identical to training images", "data.val_source")
+
+
+def test_a_few_test_images_identical_to_training_images_get_a_note(tmp_path):
+    write_folder(tmp_path / "images", {"cat": 3, "dog": 2})
+    write_folder(tmp_path / "test", {"cat": 3, "dog": 2})  # the same seed: a copy of images/
+    rng = np.random.default_rng(7)
+    for name in ("cat/2.png", "dog/0.png", "dog/1.png"):  # 3 of 5 replaced, 2 still copies: a note, not a refusal
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "test" / name)
+    result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'test'}")
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "out" / "summary.json")["notes"] == ["2 of the 5 test images are identical to a training image"]

@@ -318,3 +318,12 @@ def test_arms_with_synthetic_images_take_the_logit_adjustment_prior_from_the_rea
         else:  # the real rows come first, the synthetic (or unfiltered) ones after them
             assert call["prior_rows"].tolist() == [True] * n_real + [False] * (len(call["y"]) - n_real)
     assert sum(len(call["y"]) > n_real for call in spy.fits) >= 2  # the strongest recipe +synthetic and +unfiltered (and real+synthetic)
+
+
+def test_a_synthetic_set_of_other_classes_is_refused_by_name():
+    """`synthgen prepare` rerun alone with another class list: the old synthetic labels would mean other classes."""
+    real = LabeledImages(np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 0, 1, 1]), ("cat", "dog"))
+    stale = LabeledImages(np.zeros((2, 8, 8, 1), np.uint8), np.array([0, 1]), ("cat", "emu"))
+    with pytest.raises(DataError, match=r"classes \['cat', 'emu'\].*\['cat', 'dog'\].*rerun generate and filter"):
+        evaluate.training_set(real, stale, 1.0)
+    assert len(evaluate.training_set(real, LabeledImages(stale.x, stale.y, real.class_names), 1.0)[0]) == 6

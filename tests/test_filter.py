@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,6 +123,24 @@ def test_png_tree_from_worker_processes_is_the_tree_one_process_writes(tmp_path)
     save_npz(shards[1], x=np.zeros((2, 6, 7, 3), np.uint8), y=np.array([0, 7]), sample_id=np.arange(2))  # label 7 of 3 classes:
     with pytest.raises(RuntimeError, match=r"(?s)shard-00001\.npz.*failed.*IndexError"):  # its writer fails, and says where
         png_tree.write_tree(shards, tmp_path / "broken", names, workers=2)
+
+
+def test_a_class_without_accepted_samples_keeps_its_folder_through_dvc(tmp_path, sh, dvc):
+    shard = tmp_path / "shard-00000.npz"
+    save_npz(shard, x=np.zeros((4, 6, 6, 1), np.uint8), y=np.array([0, 0, 2, 2]), sample_id=np.arange(4))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh(repo, "git", "init", "-q")
+    dvc(repo, "init", "-q")
+    assert png_tree.write_tree([shard], repo / "accepted", ["a", "b", "c"], workers=1) == 4
+    assert sorted(p.name for p in (repo / "accepted" / "b").iterdir()) == [".keep"]  # only the empty class
+    assert not (repo / "accepted" / "a" / ".keep").exists()
+    dvc(repo, "add", "-q", "accepted")
+    shutil.rmtree(repo / "accepted")
+    dvc(repo, "checkout", "-q")
+    assert sorted(p.name for p in (repo / "accepted").iterdir()) == ["a", "b", "c"]
+    labels = ImageFolder(str(repo / "accepted"), allow_empty=True)
+    assert labels.class_to_idx == {"a": 0, "b": 1, "c": 2} and sorted(set(labels.targets)) == [0, 2]
 
 
 def test_png_tree_workers_auto_uses_a_pool_only_for_large_trees():

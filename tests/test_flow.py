@@ -141,9 +141,14 @@ def test_flow_retries_a_stage_that_fails_once(prefect_server, flow_repo, tmp_pat
 
 def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_server, flow_repo, tmp_path, dvc,
                                                                         restore_committed):
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
     prepared = flow_repo / "data/prepared/train.npz"
     before = digest(prepared)
     missing = tmp_path / "no-such-dataset"
+    params_before = (flow_repo / "params.yaml").read_text()
     try:
         state = augment(FlowParams(project_dir=str(flow_repo), source=str(missing), push=False, **FAST_RETRIES),
                         return_state=True)
@@ -155,6 +160,11 @@ def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_
         assert error.user_error and counts == {"dvc-repro-prepare": 1}  # a bad data.source is not retried
         assert digest(prepared) == before  # DVC deleted it before running; the flow checked it out again
         assert (flow_repo / "reports/REPORT.md").is_file()
+        assert (flow_repo / "params.yaml").read_text() == params_before  # the failed run's data.source is not left behind
+        result = CliRunner().invoke(app, ["run", "--params", str(flow_repo / "params.yaml"), "--set", f"data.source={missing}",
+                                          "--no-push"])
+        assert result.exit_code == 2 and "no-such-dataset" in result.output  # a user error, as every stage's CLI says
+        assert (flow_repo / "params.yaml").read_text() == params_before
     finally:
         restore_committed(flow_repo)
     assert "up to date" in dvc(flow_repo, "status")

@@ -146,6 +146,11 @@ def test_cli_generate_and_its_user_errors(tiny_prepared, models_root, tmp_path):
     assert missing.exit_code == 2 and "generator.pt" in missing.output
     bad = CliRunner().invoke(app, ["filter", *common, "--pool", str(tmp_path / "no-pool"), "--models", str(models_root), "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2 and "generate_summary.json" in bad.output
+    # balanced data, to_max, no floor: nothing to generate, so nothing for filter and evaluate to judge
+    nothing = [*sets, "--set", "generate.min_per_class=0"]  # the last --set of a key wins
+    empty = CliRunner().invoke(app, ["generate", *common, *nothing, "--models", str(models_root), "--out", str(tmp_path / "p3")])
+    assert empty.exit_code == 2 and "asks no sample of any class" in empty.output and "generate.min_per_class=0" in empty.output
+    assert not (tmp_path / "p3").exists()
 
 
 def test_filter_refuses_a_pool_generated_for_other_classes(tiny_prepared, models_root, tmp_path):

@@ -123,3 +123,12 @@ def test_bad_input_is_refused_with_the_reason():
         sampler(train={"steps": 0}).fit_resample(X, y)
     with pytest.raises(ValueError, match="more than 1 class"):
         sampler().fit_resample(X[:12], y[:12])
+
+
+def test_nothing_to_over_sample_returns_the_input_untrained():
+    X, y = quadrant_images([4, 4, 4], None)  # balanced, to_max, min_per_class 0: every quota is 0
+    model = sampler()
+    X_res, y_res = model.fit_resample(X, y)
+    np.testing.assert_array_equal(X_res, X)
+    np.testing.assert_array_equal(y_res, y)
+    assert model.generator_ is None and model.filter_summary_["quota"] == 0
