@@ -42,7 +42,8 @@ from synthgen.io import atomic_dir, read_json, write_json
 from synthgen.metrics import score, t_interval
 from synthgen.models.classifier import fit_tasks
 from synthgen.quality import generator_quality
-from synthgen.recipes import Recipe, choose_budget, classifier_params, recipe_named, select_recipe, shared_networks
+from synthgen.progress import milestones
+from synthgen.recipes import Recipe, budget_work, choose_budget, classifier_params, recipe_named, select_recipe, shared_networks
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "tail_recall")
 
@@ -110,13 +111,9 @@ def extra_sets(real_train: LabeledImages, synthetic, unfiltered, config: Evaluat
 
 
 def first_candidates(pool: LabeledImages, counts: np.ndarray) -> np.ndarray:
-    """Rows of the first ``counts[c]`` candidates of each class c in sample-id order.
-
-    The filter stage keeps the first candidates that pass (in the same order), so this ablation
-    shares every candidate the filters let through and differs only where they rejected one: a
-    random subset would differ in half its samples, and on scarce data that alone moves balanced
-    accuracy by about a point (docs/RESULTS.md), more than the filters do.
-    """
+    """Rows of the first ``counts[c]`` candidates of each class c in sample-id order: the filter stage keeps the
+    first that pass in the same order, so this shares every candidate the filters let through (a random subset
+    would differ in half its samples, which alone moves balanced accuracy about a point: docs/RESULTS.md)."""
     order = np.argsort(pool.index, kind="stable") if pool.index is not None else np.arange(len(pool.y))
     rows = [order[pool.y[order] == c][: int(n)] for c, n in enumerate(counts)]
     return np.sort(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
@@ -202,7 +199,8 @@ def run_arms(
     ``decision``, ``selection`` (budget curve, recipe scores, the recipe given the synthetic set and
     ``chosen_by``: ``test`` or ``out-of-fold``) and ``counts``.
     """
-    steps, curve = choose_budget(real_train, config, fit)
+    with milestones("evaluate: the step budget, out-of-fold", budget_work(config, real_train), enabled=progress):
+        steps, curve = choose_budget(real_train, config, fit)
     # every recipe scored on test: the out-of-fold pick adds nothing the verdict uses, and on scarce data it is a coin toss
     chosen, recipe_scores = (None, {}) if config.test_every_recipe else select_recipe(real_train, config, steps, curve, fit)
     extras = extra_sets(real_train, synthetic, unfiltered, config)
@@ -210,7 +208,7 @@ def run_arms(
     tail, seeds = tail_classes(real_train.counts()), [config.seed + i for i in range(config.seeds)]
     rows, recall_rows, teacher = [], [], None
 
-    def run(arms: list[Arm], bar, task, shared: dict[str, str] | None = None) -> None:
+    def run(arms: list[Arm], bar, task, label: str, shared: dict[str, str] | None = None) -> None:
         """Every arm's seeds in one fit_tasks call: one grouped network where that pays (``config.batched``),
         in bf16 on CPUs that have it (``config.cpu_bf16``). An arm that ``shared`` maps to an earlier one
         (the same network on these data) takes that arm's predictions instead of training."""
@@ -225,8 +223,9 @@ def run_arms(
             tasks.append(dict(X=x, y=y, seeds=seeds, sample_weight=weight, soft_targets=soft_targets(y, is_real, proba, config.soft_label_mix),
                               prior_rows=prior_rows, **classifier_params(arm.recipe, config, real_train.n_classes, steps)))
             sizes.append(len(y))
-        fitted = {arm.name: (n_train, members.predict(test.x))
-                  for arm, n_train, members in zip(trained, sizes, fit(tasks, config.batched, cpu_bf16=config.cpu_bf16))}
+        with milestones(f"evaluate: {len(trained)} {label} x {len(seeds)} seeds, {steps} steps", len(tasks) * len(seeds) * steps, progress):
+            fitted = {arm.name: (n_train, members.predict(test.x))
+                      for arm, n_train, members in zip(trained, sizes, fit(tasks, config.batched, cpu_bf16=config.cpu_bf16))}
         for arm in arms:
             n_train, predictions = fitted[shared.get(arm.name, arm.name)]
             for seed, predicted in zip(seeds, predictions):
@@ -241,7 +240,7 @@ def run_arms(
     shared = shared_networks([arm.recipe for arm in baselines], real_train.counts()) if share_networks else {}
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("evaluate", total=len(baselines) + 3)  # + at most 3 synthetic arms
-        run(baselines, bar, task, shared)
+        run(baselines, bar, task, "recipes without synthetic images", shared)
         # the strongest recipe on test (as the verdict ranks them) gets the synthetic set; the out-of-fold choice too
         leader = recipe_named(strongest(summarize_arms(pd.DataFrame(rows), config.confidence), [arm.name for arm in baselines]))
         best = chosen if chosen is not None else leader  # gets the synthetic set first, and the unfiltered ablation
@@ -250,7 +249,7 @@ def run_arms(
             teacher = fit([dict(X=real_train.x, y=real_train.y, seeds=[config.seed], **params)], config.batched, cpu_bf16=config.cpu_bf16)[0]
         arms = synthetic_arms(list({best.name: best, leader.name: leader}.values()), present["synthetic"], present["unfiltered"])
         bar.update(task, total=len(baselines) + len(arms))
-        run(arms, bar, task)
+        run(arms, bar, task, "arms with synthetic or unfiltered images")
     per_seed, per_class = pd.DataFrame(rows), pd.DataFrame(recall_rows)
     summary = summarize_arms(per_seed, config.confidence)
     baseline = strongest(summary, [arm.name for arm in baselines])

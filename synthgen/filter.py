@@ -328,5 +328,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
         filter_outputs.write_outputs(work_dir, table, shards, prepared.class_names, filters, summary, config.filter.image_folder,
                                      config.filter.write_workers)
         shutil.rmtree(work_dir / "topup", ignore_errors=True)  # top-up candidates live on in manifest.csv, not as files
-    print(f"filter: {summary['accepted']}/{summary['quota']} accepted from {summary['generated']} candidates; shortfalls: {summary['shortfalls'] or 'none'}")
+    rejected = table["rejected_by"].value_counts().drop(["", "quota"], errors="ignore")  # by a filter; 'quota': passed, not needed
+    print(f"filter: {summary['accepted']} of the {summary['quota']} asked accepted; of {summary['generated']} candidates "
+          f"{int(rejected.sum())} rejected ({', '.join(f'{name} {n}' for name, n in rejected.items()) or 'by no filter'}), "
+          f"{int((table['rejected_by'] == 'quota').sum())} passed but not needed; shortfalls: {summary['shortfalls'] or 'none'}")
     return summary

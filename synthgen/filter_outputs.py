@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid, save_image
 
 from synthgen.artifacts import FILTER_SUMMARY, load_accepted, read_shard, shard_paths
 from synthgen.filters import FILTERS, SCORE_COLUMNS, judged
-from synthgen.tensors import to_tensor
+from synthgen.grids import save_labeled_grid
 from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
 from synthgen.png_tree import write_tree
 
@@ -70,16 +69,13 @@ def _write_accepted(work_dir: Path, table: pd.DataFrame, shards: list[Path], cla
     return examples
 
 
-def _grid_figure(examples: dict, n_classes: int, image_shape, path: Path) -> None:
-    """One row per class: up to 8 accepted samples, then up to 8 rejected (blank where missing)."""
-    blank = np.zeros(image_shape, dtype=np.uint8)
+def _grid_figure(examples: dict, class_names, image_shape, path: Path) -> None:
+    """One row per class, its name beside it: up to 8 accepted samples, then up to 8 rejected (blank where missing)."""
     rows = []
-    for label in range(n_classes):
-        for kind in ("accepted", "rejected"):
-            images = examples[label, kind][:GRID_PER_CLASS]
-            rows += images + [blank] * (GRID_PER_CLASS - len(images))
-    grid = make_grid(to_tensor(np.stack(rows)), nrow=2 * GRID_PER_CLASS, padding=1, normalize=True, value_range=(-1, 1))
-    save_image(grid, path)
+    for label in range(len(class_names)):
+        accepted = examples[label, "accepted"][:GRID_PER_CLASS]
+        rows.append(accepted + [np.full(image_shape, 128, np.uint8)] * (GRID_PER_CLASS - len(accepted)) + examples[label, "rejected"])
+    save_labeled_grid(rows, class_names, path, image_shape, 2 * GRID_PER_CLASS, ("accepted", "rejected"))
 
 
 def _histogram_figure(table: pd.DataFrame, filters: dict, class_names, path: Path) -> None:
@@ -111,7 +107,7 @@ def write_outputs(work_dir: Path, table: pd.DataFrame, shards: list[Path], class
     figures = work_dir / "figures"
     figures.mkdir()
     _histogram_figure(table, filters, class_names, figures / "score_histograms.png")
-    _grid_figure(examples, len(class_names), image_shape, figures / "accepted_vs_rejected.png")
+    _grid_figure(examples, class_names, image_shape, figures / "accepted_vs_rejected.png")
     write_json(work_dir / FILTER_SUMMARY, {"class_names": class_names, "image_shape": image_shape, **summary})
 
 

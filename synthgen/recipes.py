@@ -120,6 +120,16 @@ def out_of_fold_scores(images: LabeledImages, recipes: list[Recipe], config: Eva
     return scores
 
 
+def budget_work(config: EvaluateConfig, images: LabeledImages) -> int:
+    """Network-steps :func:`choose_budget` trains at most (every doubling, every fold, one seed): a progress total."""
+    if config.steps != "auto":
+        return 0
+    total, steps = 0, config.min_steps
+    while steps <= config.max_steps or total == 0:  # the doublings choose_budget can try
+        total, steps = total + steps, steps * 2
+    return total * min(config.selection_folds, len(images.y))
+
+
 def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_tasks) -> tuple[int, list[dict]]:
     """(steps, curve): the smallest doubling of ``min_steps`` after which doubling again gains at most
     ``budget_tolerance`` out-of-fold balanced accuracy (or ``max_steps``). ``evaluate.steps`` set to a

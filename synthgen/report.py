@@ -3,7 +3,7 @@
 Pure pieces the Prefect flow reuses: :func:`render_markdown` (metrics + card -> markdown that
 reads well on GitHub and as a Prefect markdown artifact) and :func:`summary_tables` (rows for
 Prefect table artifacts). Figures are drawn with matplotlib's Agg backend; the accepted-sample
-grid with torchvision's ``make_grid`` / ``save_image``.
+grid, class names beside its rows, by :mod:`synthgen.grids`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from synthgen.config import Config, config_to_dict
 from synthgen.data import DataError, LabeledImages, load_prepared
-from synthgen.tensors import to_tensor
+from synthgen.grids import save_labeled_grid
 from synthgen.io import atomic_dir, atomic_write_text, read_json
 
 LIMITATIONS = (
@@ -122,9 +122,10 @@ def selection_text(metrics: dict) -> str:
     selection = metrics["selection"]
     curve = ", ".join(f"{row['steps']}: {_pct(row['balanced_accuracy'])}%" for row in selection["budget_curve"])
     scores = ", ".join(f"`{name}` {_pct(value)}%" for name, value in selection["recipe_scores"].items())
-    budget = (f"Budget: {selection['steps']} steps, where `real+classic` stopped improving in {selection['folds']}-fold "
-              f"cross-validation on the training images (out-of-fold balanced accuracy by steps: {curve})."
-              if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
+    capped = curve and selection["steps"] == selection["budget_curve"][-1]["steps"]  # converged: the step before the last
+    how = "the most `evaluate.max_steps` allows; `real+classic` was still improving" if capped else "where `real+classic` stopped improving"
+    budget = (f"Budget: {selection['steps']} steps, {how} in {selection['folds']}-fold cross-validation on the training "
+              f"images (out-of-fold balanced accuracy by steps: {curve})." if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
     if curve and not any(_scored(row["balanced_accuracy"]) for row in selection["budget_curve"]):
         budget = (f"Budget: {selection['steps']} steps, the most `evaluate.max_steps` allows: no held-out fold could be "
                   "scored (no class has images in two folds), so convergence was not measured.")
@@ -260,9 +261,9 @@ def plot_gains(metrics: dict, path: Path) -> None:
     ax.barh(arms, means, xerr=[means - low, high - means], color=colors, capsize=4)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']} (strongest baseline; points, 95% CI)")
+    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']}\n(the strongest baseline; points, 95% CI)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long arm names and labels stay inside the image
     plt.close(fig)
 
 
@@ -283,26 +284,14 @@ def plot_per_class_recall(metrics: dict, class_names: list[str], path: Path) -> 
         ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 60 else "black")
     fig.colorbar(image, ax=ax, label="recall %")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
-def save_sample_grid(images: LabeledImages, path: Path, per_class: int = 8) -> None:
-    """One row per class of up to ``per_class`` accepted samples (blank where a class has fewer)."""
-    import torch
-    from torchvision.utils import save_image
-
-    rows = []
-    channels, height, width = images.image_shape[2], images.image_shape[0], images.image_shape[1]
-    for c in range(images.n_classes):
-        tiles = to_tensor(images.x[images.y == c][:per_class])
-        blank = torch.full((per_class - len(tiles), channels, height, width), -1.0)
-        rows.append(torch.cat([tiles, blank]))
-    grid = (torch.cat(rows) + 1) / 2  # [-1, 1] -> [0, 1]
-    factor = -(-28 // min(height, width))  # upscale tiny images (8x8 digits) to >= 28 px tiles
-    if factor > 1:
-        grid = torch.nn.functional.interpolate(grid, scale_factor=factor, mode="nearest")
-    save_image(grid, path, nrow=per_class, padding=1, pad_value=0.5)
+def save_sample_grid(images: LabeledImages, path: Path, per_class: int = 8):
+    """One row per class, its name beside it: up to ``per_class`` accepted samples (blank where a class has fewer)."""
+    rows = [list(images.x[images.y == c][:per_class]) for c in range(images.n_classes)]
+    return save_labeled_grid(rows, images.class_names, path, images.image_shape, per_class)
 
 
 # ------------------------------------------------------------------------- I/O

@@ -185,10 +185,13 @@ def test_outputs_load_with_imagefolder_and_match_the_plan(tiny_prepared, models_
     assert {p.name for p in (out / "figures").iterdir()} == {"score_histograms.png", "accepted_vs_rejected.png"}
 
 
-def test_round_limit_and_shortfalls_when_everything_is_rejected(tiny_prepared, models_root, pool_dir, tmp_path):
+def test_round_limit_and_shortfalls_when_everything_is_rejected(tiny_prepared, models_root, pool_dir, tmp_path, capsys):
     out = tmp_path / "synthetic"
     summary = run_filter(tiny_prepared, models_root, pool_dir, out, **{"filter.novelty_threshold": 1e6, "generate.max_rounds": 2})
     assert summary["topup_rounds"] == 2 and summary["accepted"] == 0
+    line = capsys.readouterr().out.splitlines()[-1]  # what the stage says: every candidate rejected, and by which filter
+    assert line.startswith(f"filter: 0 of the 50 asked accepted; of {summary['generated']} candidates {summary['generated']} rejected (")
+    assert "novelty" in line and "0 passed but not needed" in line
     assert summary["shortfalls"] == {str(c): 5 for c in range(10)}
     first_request = 10  # ceil(5 x oversample 2)
     for requests in summary["topup_requests"]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthgen import evaluate, report
+from synthgen import evaluate, grids, report
 from synthgen.config import Config, EvaluateConfig
 from synthgen.data import load_prepared
 
@@ -62,6 +62,10 @@ def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chose
                              "chosen_by": "test", "folds": 2}}
     text = report.selection_text(on_test)
     assert "Budget: 500 steps" in text and "strongest there, `real+logit_adjust`" in text and "out-of-fold balanced accuracy at" not in text
+    assert "stopped improving" in text and "still improving" not in text
+    capped = report.selection_text({"selection": {**on_test["selection"], "steps": 1000, "budget_curve": [{**curve[0], "balanced_accuracy": 0.42},
+                                                                                                         {**curve[1], "balanced_accuracy": 0.56}]}})
+    assert "1000 steps, the most `evaluate.max_steps` allows; `real+classic` was still improving" in capped and "stopped" not in capped
     out_of_fold = {"selection": {**on_test["selection"], "chosen_by": "out-of-fold", "recipe_scores": {"real": 0.6, "real+logit_adjust": 0.65}}}
     text = report.selection_text(out_of_fold)
     assert "`real+logit_adjust` 65.00%" in text and "`real+logit_adjust` was selected" in text
@@ -90,11 +94,14 @@ def test_main_writes_report_and_pngs(tiny_prepared, tmp_path):
             assert image.size[0] > 100
 
 
-def test_sample_grid_one_row_per_class(tiny_prepared, tmp_path):
+def test_sample_grid_one_row_per_class_with_its_name(tiny_prepared, tmp_path):
     prepared = load_prepared(tiny_prepared)
-    report.save_sample_grid(prepared.val, tmp_path / "grid.png", per_class=4)
-    with Image.open(tmp_path / "grid.png") as image:
-        width, height = image.size
-    # 4 tiles of 8 px upscaled x4 + padding across, 10 class rows down
-    assert width == 4 * 33 + 1 and height == 10 * 33 + 1
+    figure = report.save_sample_grid(prepared.val, tmp_path / "grid.png", per_class=4)
+    assert [tick.get_text() for tick in figure.axes[0].get_yticklabels()] == list(prepared.class_names)
     assert np.asarray(Image.open(tmp_path / "grid.png")).std() > 0
+    rows = [list(prepared.val.x[prepared.val.y == c][:4]) for c in range(10)]
+    rows[9] = rows[9][:1]  # a class with one sample: the rest of its row stays blank (grey)
+    grid = grids.tile_rows(rows, 4, prepared.image_shape)  # 10 rows of 4 tiles of 8 px, 1 px padding
+    assert grid.shape == (10 * 9 + 1, 4 * 9 + 1, 1)
+    np.testing.assert_array_equal(grid[1:9, 1:9], rows[0][0])
+    assert (grid[-9:-1, 10:] == 128).all()

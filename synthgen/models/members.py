@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from synthgen import progress
 from synthgen.device import autocast, cpu_autocast, cpu_bf16_enabled, inference_rows, resolve_device
 from synthgen.models import ensemble
 from synthgen.models.small_cnn import SmallCNN, SmallCNNConfig, seeded_cnn
@@ -153,6 +154,7 @@ def train_group(members: list[Member], cpu_bf16: bool = False) -> tuple[ensemble
         losses.sum().backward()  # members share no weights: each gets only its own loss's gradient
         optimizer.step()
         schedule.step()
+        progress.advance(len(members))  # one step of each member: a line per tenth inside a progress.milestones block
     return model.eval(), losses.detach().cpu().tolist()
 
 

@@ -1,0 +1,66 @@
+"""Plain-text progress of long training calls: a line at every tenth of the work, with the time so far.
+
+Rich's live bars draw nothing while the output is not a terminal (``dvc repro`` under the Prefect
+flow, a CI log, ``| tee``), and the evaluate stage on 32x32 photographs trains for tens of minutes:
+without these lines such a run looks hung. A training loop calls :func:`advance` after each step;
+inside ``with milestones(label, total)`` that prints ``label: 40% of N network-steps, 2 min 5 s``
+as each tenth is crossed, and outside one it does nothing (tests, the sampler, the filters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+import time
+from typing import Iterator, TextIO
+
+_ACTIVE: contextvars.ContextVar["Milestones | None"] = contextvars.ContextVar("synthgen_milestones", default=None)
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 5 s', '1 h 2 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+class Milestones:
+    """Counts units of work (network-steps: one step of one network) towards ``total`` and prints each tenth crossed."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, parts: int = 10):
+        self.label, self.total, self.parts = label, max(1, int(total)), parts
+        self.stream = stream if stream is not None else sys.stdout
+        self.done, self.printed, self.started = 0, 0, time.perf_counter()
+
+    def advance(self, units: int = 1) -> None:
+        self.done += units
+        reached = min(self.parts, self.done * self.parts // self.total)  # tenths completed (integer: no float drift)
+        if reached > self.printed:
+            self.printed = reached
+            elapsed = duration(time.perf_counter() - self.started)
+            print(f"{self.label}: {100 * reached // self.parts}% of {self.total} network-steps, {elapsed}", file=self.stream, flush=True)
+
+
+@contextlib.contextmanager
+def milestones(label: str, total: int, enabled: bool = True, stream: TextIO | None = None) -> Iterator[Milestones | None]:
+    """Within the block, :func:`advance` counts towards ``total`` (nothing when ``enabled`` is false)."""
+    if not enabled:
+        yield None
+        return
+    reporter = Milestones(label, total, stream)
+    token = _ACTIVE.set(reporter)
+    try:
+        yield reporter
+    finally:
+        _ACTIVE.reset(token)
+
+
+def advance(units: int = 1) -> None:
+    """``units`` more network-steps done, for the enclosing :func:`milestones` block if there is one."""
+    reporter = _ACTIVE.get()
+    if reporter is not None:
+        reporter.advance(units)
