@@ -5,8 +5,8 @@ with transparency, a GIF with a palette). The networks need one channel count, s
 decoded to ONE mode: grey (C=1) when every image is grey, else RGB (C=3). Refusing mixed folders
 would make the user convert files by hand for no gain, and keeping only grey would throw colour
 away; converting grey to RGB loses nothing (R = G = B). What was changed is not silent: each kind
-of change becomes a line of ``LabeledImages.notes`` ("converted 3 grey images to RGB (e.g.
-cat/img7.png)", "dropped the alpha channel of 2 images ..."), which ``prepare`` prints and writes
+of change becomes a line of ``LabeledImages.notes`` ("converted 3 grey images (one channel, or three
+equal ones) to RGB (e.g. cat/img7.png)", "dropped the alpha channel of 2 images ..."), which ``prepare`` prints and writes
 into ``meta.json`` and ``summary.json``. Palette images are decoded to RGB (or grey when their
 colours are all grey); an RGB file whose three channels are equal counts as grey.
 
@@ -119,7 +119,7 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
                 )
     mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
     grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
-    notes = (_count_note("converted {n} grey image{s} to RGB", grey, root)
+    notes = (_count_note("converted {n} grey image{s} (one channel, or three equal ones) to RGB", grey, root)
              + _count_note("dropped the alpha channel of {n} image{s}", with_alpha, root)
              + _count_note("scaled {n} 16-bit grey image{s} to 8 bits", wide, root))
     arrays = [np.asarray(image.convert(mode)) for image in decoded]

@@ -100,6 +100,9 @@ def filter_rows(filter_summary: dict | None) -> list[dict]:
         row = {"class": name}
         for key, value in entry.items():
             row[key] = f"{value:.3g}" if isinstance(value, float) else value
+            judge = key.rsplit("_", 1)[0]  # a filter's threshold means nothing for a class it does not judge
+            if key.endswith(("_threshold", "_acceptance")) and entry.get(f"{judge}_judged") is False:
+                row[key] = "not judged"
         rows.append(row)
     return rows
 

@@ -117,7 +117,7 @@ def test_mixed_grey_and_rgb_folder_is_converted_and_says_so(tmp_path):
     write_npz(tmp_path / "test.npz", ["cat", "dog"])
     result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'test.npz'}")
     assert result.exit_code == 0, result.output
-    note = "converted 3 grey images to RGB (e.g. cat/0.png)"
+    note = "converted 3 grey images (one channel, or three equal ones) to RGB (e.g. cat/0.png)"
     summary = read_json(tmp_path / "out" / "summary.json")
     assert summary["image_shape"] == [8, 8, 3] and summary["notes"][0] == note
     assert summary["notes"][1] == "data.test_source: converted its 4 grey images to RGB (another source is RGB)"

@@ -89,7 +89,7 @@ def test_image_folder_any_colour_makes_all_rgb(tmp_path):
     # grey images are replicated over R, G, B; the colour one keeps its channels
     assert np.array_equal(images.x[0, ..., 0], images.x[0, ..., 2])
     assert images.x[images.y == 1][-1, 0, 0].tolist() == [200, 0, 0]
-    assert images.notes == ("converted 4 grey images to RGB (e.g. cat/0.png)",)
+    assert images.notes == ("converted 4 grey images (one channel, or three equal ones) to RGB (e.g. cat/0.png)",)
 
 
 def test_image_folder_rgba_and_palette_images_join_rgb_with_notes(tmp_path):
@@ -103,7 +103,7 @@ def test_image_folder_rgba_and_palette_images_join_rgb_with_notes(tmp_path):
     images = load_source(str(tmp_path))
     assert images.image_shape == (6, 5, 3) and images.y.tolist() == [0, 0, 1, 1]
     assert images.notes == (
-        "converted 2 grey images to RGB (e.g. cat/0.png)", "dropped the alpha channel of 1 image (e.g. dog/rgba.png)")
+        "converted 2 grey images (one channel, or three equal ones) to RGB (e.g. cat/0.png)", "dropped the alpha channel of 1 image (e.g. dog/rgba.png)")
     np.testing.assert_array_equal(images.x[1], np.asarray(Image.open(tmp_path / "cat" / "palette.png").convert("RGB")))
     assert images.x[3, 0, 0].tolist() == [0, 90, 0]  # the colour of the RGBA image, alpha dropped
 

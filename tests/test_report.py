@@ -105,3 +105,14 @@ def test_sample_grid_one_row_per_class_with_its_name(tiny_prepared, tmp_path):
     assert grid.shape == (10 * 9 + 1, 4 * 9 + 1, 1)
     np.testing.assert_array_equal(grid[1:9, 1:9], rows[0][0])
     assert (grid[-9:-1, 10:] == 128).all()
+
+
+def test_filter_table_says_not_judged_instead_of_a_threshold_that_decides_nothing():
+    summary = {"per_class": {
+        "cat": {"accepted": 90, "discriminator_judged": True, "discriminator_threshold": -1.23456, "discriminator_acceptance": 0.98},
+        "horse": {"accepted": 100, "discriminator_judged": False, "discriminator_threshold": -14.96, "discriminator_acceptance": 1.0,
+                  "classifier_judged": "n/a", "classifier_threshold": "n/a"}}}
+    cat, horse = report.filter_rows(summary)
+    assert cat["discriminator_threshold"] == "-1.23" and cat["discriminator_acceptance"] == "0.98"
+    assert horse["discriminator_threshold"] == horse["discriminator_acceptance"] == "not judged"
+    assert horse["classifier_threshold"] == "n/a" and horse["accepted"] == 100
