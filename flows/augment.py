@@ -102,6 +102,8 @@ def apply_params(params_path: Path, overrides: list[str]) -> bool:
         raise ConfigError(f"params file not found: {params_path}")
     text = params_path.read_text()
     yaml = YAML()  # round-trip mode keeps comments
+    yaml.width = 4096  # long flow lists (evaluate.recipes) stay on their line
+    yaml.representer.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = yaml.load(text) or {}
     merged = apply_overrides(safe_load(text) or {}, overrides)  # plain copy, override values parsed as YAML
     config_from_dict(merged, f"{params_path} with overrides {overrides}")

@@ -71,6 +71,9 @@ def test_apply_params_keeps_comments_and_rejects_bad_keys(tmp_path):
     loaded = yaml.safe_load(text)
     assert loaded["filter"]["classifier_threshold"] == 0.9 and loaded["data"]["source"] == "data/raw/x"
     assert apply_params(params_path, ["filter.classifier_threshold=0.9"]) is False
+    changed = [(old, new) for old, new in zip(before.splitlines(), text.splitlines()) if old != new]
+    assert len(before.splitlines()) == len(text.splitlines()) and len(changed) == 2  # the two edited lines and no other:
+    assert all(old.split(":")[0] == new.split(":")[0] for old, new in changed)  # nulls stay `null`, lists stay on their line
 
 
 def test_serve_builds_a_cron_deployment_of_the_flow_for_this_project(tmp_path, monkeypatch):
