@@ -53,12 +53,14 @@ PARAM_KEYS = {
 
 
 class StageFailed(RuntimeError):
-    """A pipeline stage failed; ``user_error`` marks bad params/data (not worth retrying)."""
+    """A pipeline stage failed; ``user_error`` marks bad params/data (not worth retrying); ``params_restored``: the
+    flow wrote params.yaml back as it was before the run (no stage had run with the edit)."""
 
     def __init__(self, stage: str, message: str, user_error: bool = False):
         super().__init__(f"stage {stage!r} failed: {message}")
         self.stage = stage
         self.user_error = user_error
+        self.params_restored = False
 
 
 class FlowParams(BaseModel):
@@ -90,6 +92,18 @@ class FlowParams(BaseModel):
 
 
 # ------------------------------------------------------------------ params and DVC
+def _null_keeping_representer():
+    """ruamel's round-trip representer writing None as `null` (it writes a blank), in a subclass: add_representer
+    on ruamel's own class would change every round-trip dump in the process."""
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class NullKeeping(RoundTripRepresenter):
+        pass
+
+    NullKeeping.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return NullKeeping
+
+
 def apply_params(params_path: Path, overrides: list[str]) -> bool:
     """Validate ``overrides`` against the whole config, then write them into params.yaml atomically.
 
@@ -103,7 +117,7 @@ def apply_params(params_path: Path, overrides: list[str]) -> bool:
     text = params_path.read_text()
     yaml = YAML()  # round-trip mode keeps comments
     yaml.width = 4096  # long flow lists (evaluate.recipes) stay on their line
-    yaml.representer.add_representer(type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.Representer = _null_keeping_representer()
     document = yaml.load(text) or {}
     merged = apply_overrides(safe_load(text) or {}, overrides)  # plain copy, override values parsed as YAML
     config_from_dict(merged, f"{params_path} with overrides {overrides}")
@@ -236,18 +250,27 @@ def augment(params: FlowParams = FlowParams()) -> dict:
     project = Path(params.project_dir).resolve()
     if not (project / "dvc.yaml").is_file():
         raise ConfigError(f"no dvc.yaml in {project}: run from the synthgen project root")
-    params_text = (project / "params.yaml").read_text()
-    if apply_params(project / "params.yaml", params.to_overrides()):
+    params_file = project / "params.yaml"
+    before = params_file.read_text() if params_file.is_file() else None  # apply_params names a missing file
+    changed = apply_params(params_file, params.to_overrides())
+    if changed:
         logger.info("params.yaml updated: %s", " ".join(params.to_overrides()))
+    applied = params_file.read_text()
     runner = reproduce_stage.with_options(retries=params.retries, retry_delay_seconds=params.retry_delay_seconds)
     outcomes = {}
     for stage in STAGES:
         try:
             outcomes[stage] = runner(stage, str(project))
-        except StageFailed:
+        except StageFailed as error:
             restored = restore_outputs(stage, project)
-            atomic_write_text(project / "params.yaml", params_text)  # a failed run leaves params.yaml as it found it
-            logger.error("stage %s failed; params.yaml and the previous outputs as they were: %s", stage, restored)
+            # params.yaml goes back only while no stage has run with the edit (else it would disagree with dvc.lock
+            # and those stages' outputs), and only if nobody edited it since
+            ran = {"ran", "run-cache"} & set(outcomes.values())  # stages whose outputs and dvc.lock now follow the edit
+            error.params_restored = changed and not ran and params_file.read_text() == applied
+            if error.params_restored:
+                atomic_write_text(params_file, before)
+            logger.error("stage %s failed; its previous outputs checked out again: %s; params.yaml %s", stage, restored,
+                         "as it was before this run" if error.params_restored else "as this run left it")
             raise
         logger.info("stage %s: %s", stage, outcomes[stage])
     pushed = False

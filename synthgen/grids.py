@@ -35,12 +35,12 @@ def save_labeled_grid(rows: list[list[np.ndarray]], row_labels, path: Path, imag
     axis = figure.add_subplot(1, 1, 1)
     axis.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     height, width = image_shape[0] + 1, image_shape[1] + 1
-    axis.set_yticks([0.5 + height * (r + 0.5) for r in range(len(rows))], [str(label) for label in row_labels], fontsize=8)
+    axis.set_yticks([height * (r + 0.5) for r in range(len(rows))], [str(label) for label in row_labels], fontsize=8)  # row centres
     axis.set_xticks([])
     for group, name in enumerate(column_groups):
         per_group = columns // len(column_groups)
         axis.text(width * per_group * (group + 0.5), -1, name, ha="center", va="bottom", fontsize=9)
         if group:
-            axis.axvline(width * per_group * group + 0.5, color="red", linewidth=1.5)
+            axis.axvline(width * per_group * group, color="red", linewidth=1.5)  # on the padding column between groups
     figure.savefig(path, dpi=100, bbox_inches="tight")
     return figure

@@ -148,20 +148,22 @@ def make_splits(images: LabeledImages, config: DataConfig, test_images: LabeledI
     if val_images is not None:
         splits["val"] = val_images
     _check_disjoint(splits, [split for split in SPLITS if origin[split] is images])
-    notes += _check_copies(splits)
+    notes += _check_copies(splits, [split for split in ("test", "val") if origin[split] is not images])
     return PreparedData(meta=_meta(images, config, splits, notes), **splits)
 
 
-def _check_copies(splits: dict[str, LabeledImages]) -> list[str]:
-    """Notes on test / val images identical to a training image; a DataError when they are most of the split.
+def _check_copies(splits: dict[str, LabeledImages], separate: list[str]) -> list[str]:
+    """Notes on the ``separate`` splits' images (test / val from their own source) identical to a training image;
+    a DataError when they are most of the split.
 
-    Disjoint indices do not make disjoint images: ``data.test_source`` may be ``data.source`` under
-    another name (``./x.npz``, an absolute path, a link) or a copy of it, and then every arm would be
-    scored on its own training images (or the filters calibrated on them).
+    A separate source is not disjoint images: ``data.test_source`` may be ``data.source`` under another
+    name (``./x.npz``, an absolute path, a link) or a copy of it, and then every arm would be scored on
+    its own training images (or the filters calibrated on them). Splits cut from ``data.source`` are
+    disjoint by index; files duplicated within it are the user's data, not checked here.
     """
     train = {image.tobytes() for image in splits["train"].x}
     notes = []
-    for name in ("test", "val"):
+    for name in separate:
         split = splits[name]
         copies = sum(image.tobytes() in train for image in split.x)
         if copies * 2 > len(split.y):

@@ -127,6 +127,8 @@ def selection_text(metrics: dict) -> str:
     scores = ", ".join(f"`{name}` {_pct(value)}%" for name, value in selection["recipe_scores"].items())
     capped = curve and selection["steps"] == selection["budget_curve"][-1]["steps"]  # converged: the step before the last
     how = "the most `evaluate.max_steps` allows; `real+classic` was still improving" if capped else "where `real+classic` stopped improving"
+    if len(selection["budget_curve"]) == 1:  # min_steps doubled would pass max_steps: nothing was compared
+        how = "the one budget `evaluate.min_steps` and `evaluate.max_steps` allow, scored"
     budget = (f"Budget: {selection['steps']} steps, {how} in {selection['folds']}-fold cross-validation on the training "
               f"images (out-of-fold balanced accuracy by steps: {curve})." if curve else f"Budget: {selection['steps']} steps (`evaluate.steps`).")
     if curve and not any(_scored(row["balanced_accuracy"]) for row in selection["budget_curve"]):

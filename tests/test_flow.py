@@ -167,7 +167,21 @@ def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_
         result = CliRunner().invoke(app, ["run", "--params", str(flow_repo / "params.yaml"), "--set", f"data.source={missing}",
                                           "--no-push"])
         assert result.exit_code == 2 and "no-such-dataset" in result.output  # a user error, as every stage's CLI says
+        assert "params.yaml is as it was before this run" in " ".join(result.output.split())
         assert (flow_repo / "params.yaml").read_text() == params_before
     finally:
         restore_committed(flow_repo)
     assert "up to date" in dvc(flow_repo, "status")
+
+
+def test_a_failure_after_a_stage_ran_keeps_the_set_values_that_stage_ran_with(prefect_server, flow_repo, tmp_path, monkeypatch,
+                                                                              restore_committed):
+    monkeypatch.setenv(FAIL_ONCE_VARIABLE, f"generate:{tmp_path / 'generate-failed'}")
+    try:
+        state = augment(FlowParams(project_dir=str(flow_repo), overrides=["train.seed=5"], push=False, retries=0), return_state=True)
+        assert state.is_failed()
+        error = state.result(raise_on_failure=False)
+        assert isinstance(error, StageFailed) and error.stage == "generate" and not error.params_restored
+        assert yaml.safe_load((flow_repo / "params.yaml").read_text())["train"]["seed"] == 5  # as dvc.lock's train stage says
+    finally:
+        restore_committed(flow_repo)

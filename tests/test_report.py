@@ -66,6 +66,8 @@ def test_selection_text_says_how_the_recipe_that_got_the_synthetic_set_was_chose
     capped = report.selection_text({"selection": {**on_test["selection"], "steps": 1000, "budget_curve": [{**curve[0], "balanced_accuracy": 0.42},
                                                                                                          {**curve[1], "balanced_accuracy": 0.56}]}})
     assert "1000 steps, the most `evaluate.max_steps` allows; `real+classic` was still improving" in capped and "stopped" not in capped
+    one = report.selection_text({"selection": {**on_test["selection"], "budget_curve": curve[:1]}})
+    assert "the one budget `evaluate.min_steps` and `evaluate.max_steps` allow, scored in 2-fold" in one and "improving" not in one
     out_of_fold = {"selection": {**on_test["selection"], "chosen_by": "out-of-fold", "recipe_scores": {"real": 0.6, "real+logit_adjust": 0.65}}}
     text = report.selection_text(out_of_fold)
     assert "`real+logit_adjust` 65.00%" in text and "`real+logit_adjust` was selected" in text
