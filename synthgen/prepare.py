@@ -86,9 +86,10 @@ def match_channels(sets: dict[str, LabeledImages | None]) -> tuple[dict[str, Lab
     return converted, notes
 
 
-def align_classes(other: LabeledImages, images: LabeledImages, field: str) -> LabeledImages:
+def align_classes(other: LabeledImages, images: LabeledImages, field: str, where: str = "") -> LabeledImages:
     """Relabel a separate labeled set (``field``: 'test_source' or 'val_source') by class name so its
-    labels match the source's; its classes and image shape must equal the source's."""
+    labels match the source's; its classes and image shape must equal the source's. ``where`` names
+    the two paths in the error."""
     if other.image_shape != images.image_shape:
         raise DataError(
             f"data.{field} images have shape {other.image_shape} (H, W, C), data.source images {images.image_shape}: "
@@ -98,12 +99,13 @@ def align_classes(other: LabeledImages, images: LabeledImages, field: str) -> La
     unknown = [name for name in names if name not in images.class_names]
     missing = [name for name in images.class_names if name not in names]
     if unknown or missing:
-        raise DataError(f"data.{field} classes differ from data.source: extra {unknown}, missing {missing}")
+        raise DataError(f"data.{field} classes differ from data.source: extra {unknown}, missing {missing}{where}")
     mapping = np.array([images.class_names.index(name) for name in names], dtype=np.int64)
     return LabeledImages(other.x, mapping[other.y], images.class_names, other.index)
 
 
-def combine_sources(images: LabeledImages, test_images: LabeledImages | None, val_images: LabeledImages | None):
+def combine_sources(images: LabeledImages, test_images: LabeledImages | None, val_images: LabeledImages | None,
+                    paths: dict[str, str | None] | None = None):
     """(source, test, val, notes): one channel count for all, the separate sets' labels aligned to the
     source's by class name, and every loading note (those of test/val prefixed with their field)."""
     sets, notes = match_channels({"source": images, "test_source": test_images, "val_source": val_images})
@@ -112,7 +114,8 @@ def combine_sources(images: LabeledImages, test_images: LabeledImages | None, va
         other = sets[field]
         if other is not None:
             notes += [f"data.{field}: {note}" for note in other.notes]
-            other = align_classes(other, images, field)
+            where = f" ({paths[field]} against {paths['source']})" if paths else ""
+            other = align_classes(other, images, field, where)
         aligned[field] = other
     return images, aligned["test_source"], aligned["val_source"], [*images.notes, *notes]
 
@@ -134,7 +137,8 @@ def make_splits(images: LabeledImages, config: DataConfig, test_images: LabeledI
             "data.per_class and data.long_tail are null (train takes all remaining images): "
             "set data.test_source or data.test_per_class"
         )
-    images, test_images, val_images, notes = combine_sources(images, test_images, val_images)
+    paths = {"source": config.source, "test_source": config.test_source, "val_source": config.val_source}
+    images, test_images, val_images, notes = combine_sources(images, test_images, val_images, paths)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
     for label, name in enumerate(images.class_names):
         positions = np.flatnonzero(images.y == label)

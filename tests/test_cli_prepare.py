@@ -98,7 +98,8 @@ def test_test_and_val_source_classes_must_match(tmp_path):
     write_npz(tmp_path / "test.npz", ["cat", "dog", "emu", "fox"])
     write_npz(tmp_path / "val.npz", ["cat", "dog"])
     result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'test.npz'}")
-    assert_refused(result, tmp_path, "data.test_source classes differ from data.source", "extra ['fox']", "missing []")
+    assert_refused(result, tmp_path, "data.test_source classes differ from data.source", "extra ['fox']", "missing []",
+                   f"({tmp_path / 'test.npz'} against {tmp_path / 'images'})")  # the two paths, as the user gave them
     write_npz(tmp_path / "test.npz", ["cat", "dog", "emu"])
     result = prepare_folder(tmp_path, f"data.test_source={tmp_path / 'test.npz'}", f"data.val_source={tmp_path / 'val.npz'}")
     assert_refused(result, tmp_path, "data.val_source classes differ from data.source", "extra []", "missing ['emu']")
