@@ -120,14 +120,19 @@ def out_of_fold_scores(images: LabeledImages, recipes: list[Recipe], config: Eva
     return scores
 
 
+def budget_candidates(config: EvaluateConfig) -> list[int]:
+    """The budgets :func:`choose_budget` tries in turn: ``min_steps``, doubled while it stays within ``max_steps``."""
+    candidates = [config.min_steps]
+    while candidates[-1] * 2 <= config.max_steps:
+        candidates.append(candidates[-1] * 2)
+    return candidates
+
+
 def budget_work(config: EvaluateConfig, images: LabeledImages) -> int:
-    """Network-steps :func:`choose_budget` trains at most (every doubling, every fold, one seed): a progress total."""
+    """Network-steps :func:`choose_budget` trains at most (every candidate, every fold, one seed): a progress total."""
     if config.steps != "auto":
         return 0
-    total, steps = 0, config.min_steps
-    while steps <= config.max_steps or total == 0:  # the doublings choose_budget can try
-        total, steps = total + steps, steps * 2
-    return total * min(config.selection_folds, len(images.y))
+    return sum(budget_candidates(config)) * min(config.selection_folds, len(images.y))
 
 
 def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_tasks) -> tuple[int, list[dict]]:
@@ -137,14 +142,11 @@ def choose_budget(images: LabeledImages, config: EvaluateConfig, fit=fit_tasks) 
     if config.steps != "auto":
         return int(config.steps), []
     recipe, curve = recipe_named(BUDGET_RECIPE), []
-    steps = config.min_steps
-    while True:
+    for steps in budget_candidates(config):
         curve.append({"steps": steps, "balanced_accuracy": out_of_fold_scores(images, [recipe], config, steps, fit)[recipe.name]})
         if len(curve) >= 2 and curve[-1]["balanced_accuracy"] - curve[-2]["balanced_accuracy"] <= config.budget_tolerance:
             return curve[-2]["steps"], curve
-        if steps * 2 > config.max_steps:
-            return steps, curve
-        steps *= 2
+    return curve[-1]["steps"], curve
 
 
 def select_recipe(images: LabeledImages, config: EvaluateConfig, steps: int, curve: list[dict] | None = None,
