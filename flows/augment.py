@@ -16,6 +16,7 @@ Test hook: ``SYNTHGEN_FAIL_ONCE=<stage>:<flag file>`` makes the task of ``<stage
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 from pydantic import BaseModel, ConfigDict, Field
 from yaml import safe_load
 
@@ -59,8 +61,20 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, message: str, user_error: bool = False):
         super().__init__(f"stage {stage!r} failed: {message}")
         self.stage = stage
+        self.message = message  # the tail of the stage's output
         self.user_error = user_error
         self.params_restored = False
+
+    def brief(self) -> str:
+        """For a user error, the stage's own ``error: ...`` lines (what was wrong with the data or params);
+        otherwise the whole message, whose output tail says where it crashed."""
+        lines = self.message.splitlines()
+        first = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
+        if not self.user_error or first is None:
+            return str(self)
+        # the CLI's message runs from its "error:" line to dvc's own "ERROR: failed to reproduce ..."
+        reason = list(itertools.takewhile(lambda line: not line.startswith("ERROR:"), lines[first:]))
+        return "\n".join([f"stage {self.stage!r} failed: {reason[0].removeprefix('error:').strip()}", *reason[1:]])
 
 
 class FlowParams(BaseModel):
@@ -244,7 +258,7 @@ def publish_artifacts(project_dir: str) -> str | None:
 
 # ----------------------------------------------------------------------------- flow
 @flow(name="synthgen-augment", validate_parameters=True)
-def augment(params: FlowParams = FlowParams()) -> dict:
+def augment(params: FlowParams = FlowParams()) -> dict | State:
     """Apply the params, reproduce every stage in DAG order, push, publish the report."""
     logger = get_run_logger()
     project = Path(params.project_dir).resolve()
@@ -271,7 +285,9 @@ def augment(params: FlowParams = FlowParams()) -> dict:
                 atomic_write_text(params_file, before)
             logger.error("stage %s failed; its previous outputs checked out again: %s; params.yaml %s", stage, restored,
                          "as it was before this run" if error.params_restored else "as this run left it")
-            raise
+            # a Failed state, not a raise: the caller still gets the error, without Prefect's traceback of its own
+            # engine under the stage's message
+            return Failed(message=str(error), data=error)
         logger.info("stage %s: %s", stage, outcomes[stage])
     pushed = False
     if params.push:

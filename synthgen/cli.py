@@ -228,7 +228,7 @@ def run(
         _run(augment.run_from_cli, params, set_ or [], push)
     except augment.StageFailed as error:  # the stage's own output was logged above
         kept = "as it was before this run" if getattr(error, "params_restored", False) else "with this run's --set values"
-        typer.secho(f"error: {error}\n(params.yaml is {kept})", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {error.brief()}\n(params.yaml is {kept})", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2 if error.user_error else 1)
 
 

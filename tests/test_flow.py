@@ -142,6 +142,15 @@ def test_flow_retries_a_stage_that_fails_once(prefect_server, flow_repo, tmp_pat
     assert counts["dvc-repro-generate"] == 2 and counts["dvc-repro-filter"] == 1
 
 
+def test_a_user_error_is_told_in_the_stage_s_own_words_and_a_crash_with_its_output_tail():
+    output = ("Running stage 'filter':\n> synthgen filter\nerror: data/pool: no candidates\n  run generate first\n"
+              "ERROR: failed to reproduce 'filter': failed to run: synthgen filter, exited with 2")
+    assert StageFailed("filter", output, user_error=True).brief() == \
+        "stage 'filter' failed: data/pool: no candidates\n  run generate first"
+    crash = StageFailed("filter", output.replace("exited with 2", "exited with 1"))
+    assert crash.brief() == str(crash) and "failed to reproduce" in crash.brief()
+
+
 def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_server, flow_repo, tmp_path, dvc,
                                                                         restore_committed):
     from typer.testing import CliRunner
@@ -167,6 +176,7 @@ def test_flow_with_a_failing_stage_fails_and_keeps_the_previous_outputs(prefect_
         result = CliRunner().invoke(app, ["run", "--params", str(flow_repo / "params.yaml"), "--set", f"data.source={missing}",
                                           "--no-push"])
         assert result.exit_code == 2 and "no-such-dataset" in result.output  # a user error, as every stage's CLI says
+        assert "stage 'prepare' failed: data source not found" in " ".join(result.output.split())  # the stage's reason
         assert "params.yaml is as it was before this run" in " ".join(result.output.split())
         assert (flow_repo / "params.yaml").read_text() == params_before
     finally:
