@@ -37,6 +37,7 @@ from synthgen.generate import (
     run_shard,
 )
 from synthgen.io import atomic_dir, read_json
+from synthgen.progress import milestones
 
 
 TOPUP_SAFETY = 1.2  # ask for 20% more than the measured rate predicts
@@ -115,6 +116,18 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     if filters["classifier"] is not None and config.claim_threshold is not None:  # judges what the confidence filter does not
         filters["claimed"] = ClaimFilter(filters["classifier"], config.claim_threshold).fit()
     return filters
+
+
+def fitting_work(config: FilterConfig, held_out: bool, fakes: GeneratedReference | None) -> int:
+    """The network-steps :func:`fit_filters_on` trains (its progress lines' 100%): the posthoc discriminator's
+    folds, the confidence filter's scoring classifier and, without held-out images, its folds."""
+    work = 0
+    if config.discriminator and config.discriminator_source == "posthoc" and fakes is not None and len(fakes.y):
+        work += max(2, config.calibration_folds) * config.discriminator_steps
+    if config.classifier:
+        cross_fitted = config.classifier_calibration == "per_class" and not held_out and config.calibration_folds >= 2
+        work += (1 + config.calibration_folds * cross_fitted) * config.classifier_steps
+    return work
 
 
 def judging_minimum(config: FilterConfig, counts: np.ndarray) -> dict[str, int]:
@@ -316,7 +329,8 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     model = load_model(model_path, device)
     latent = pool_summary.get("latent", "prior")
     fakes = reference_samples(model, prepared.n_classes, config.filter, config.generate, str(device), latent)
-    filters = fit_filters(config.filter, prepared, model, device, fakes)
+    with milestones("filter: fitting the filters", fitting_work(config.filter, len(prepared.val.y) > 0, fakes)):
+        filters = fit_filters(config.filter, prepared, model, device, fakes)
     quotas = compute_quotas(prepared.train.counts(), config.generate)
     gen_device = str(resolve_device(config.generate.device))
     with atomic_dir(synthetic_root) as work_dir:  # the previous accepted set stays whole until this block succeeds

@@ -1,10 +1,12 @@
 """Plain-text progress of long training calls: a line at every tenth of the work, with the time so far.
 
 Rich's live bars draw nothing while the output is not a terminal (``dvc repro`` under the Prefect
-flow, a CI log, ``| tee``), and the evaluate stage on 32x32 photographs trains for tens of minutes:
-without these lines such a run looks hung. A training loop calls :func:`advance` after each step;
-inside ``with milestones(label, total)`` that prints ``label: 40% of N network-steps, 2 min 5 s``
-as each tenth is crossed, and outside one it does nothing (tests, the sampler, the filters).
+flow, a CI log, ``| tee``), and on 32x32 photographs the train, filter and evaluate stages each
+train for minutes to tens of minutes: without these lines such a run looks hung. A training loop
+calls :func:`advance` after each step; inside ``with milestones(label, total)`` that prints
+``label: 40% of N network-steps, 2 min 5 s`` as each tenth is crossed, and outside one it does
+nothing (tests, the sampler). The generator's trainer, which knows its step, calls
+:meth:`Milestones.reach` on one it holds.
 """
 
 from __future__ import annotations
@@ -31,18 +33,27 @@ def duration(seconds: float) -> str:
 class Milestones:
     """Counts units of work (network-steps: one step of one network) towards ``total`` and prints each tenth crossed."""
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, parts: int = 10):
-        self.label, self.total, self.parts = label, max(1, int(total)), parts
+    def __init__(self, label: str, total: int, stream: TextIO | None = None, parts: int = 10, unit: str = "network-steps",
+                 done: int = 0):
+        self.label, self.total, self.parts, self.unit = label, max(1, int(total)), parts, unit
         self.stream = stream if stream is not None else sys.stdout
-        self.done, self.printed, self.started = 0, 0, time.perf_counter()
+        self.done, self.started = int(done), time.perf_counter()
+        self.printed = self._tenths()  # a resumed run starts where it was, without lines for the work done before
+
+    def _tenths(self) -> int:
+        return min(self.parts, self.done * self.parts // self.total)  # integer: no float drift
 
     def advance(self, units: int = 1) -> None:
-        self.done += units
-        reached = min(self.parts, self.done * self.parts // self.total)  # tenths completed (integer: no float drift)
+        self.reach(self.done + units)
+
+    def reach(self, done: int) -> None:
+        """``done`` units of work finished in all (a training loop that knows its step)."""
+        self.done = int(done)
+        reached = self._tenths()
         if reached > self.printed:
             self.printed = reached
             elapsed = duration(time.perf_counter() - self.started)
-            print(f"{self.label}: {100 * reached // self.parts}% of {self.total} network-steps, {elapsed}", file=self.stream, flush=True)
+            print(f"{self.label}: {100 * reached // self.parts}% of {self.total} {self.unit}, {elapsed}", file=self.stream, flush=True)
 
 
 @contextlib.contextmanager

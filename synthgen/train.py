@@ -46,6 +46,7 @@ from synthgen.device import cpu_autocast, resolve_device, training_precision
 from synthgen.io import atomic_dir, atomic_write_bytes, atomic_write_text, write_json
 from synthgen.models import cgan, cvae, vaegan
 from synthgen.models.diffaugment import parse_policy
+from synthgen.progress import Milestones
 from synthgen.train_state import (
     TrainingError, TrainState, build_state, checkpoint_payload, data_fingerprint, init_distributed, restore_state,
     resume_mismatch, wrap_parallel,
@@ -69,9 +70,7 @@ def inner_step(config: TrainConfig, state: TrainState, images: torch.Tensor, lab
         losses = model_step(config, state, real, batch_labels)
     values = {name: float(value) for name, value in losses.items()}
     if not all(math.isfinite(v) for v in values.values()):
-        raise TrainingError(
-            f"non-finite loss at step {state.step + 1}: {values}; lower the learning rate or check the data"
-        )
+        raise TrainingError(f"non-finite loss at step {state.step + 1}: {values}; lower the learning rate or check the data")
     return values
 
 
@@ -256,10 +255,8 @@ def _png_bytes(grid: torch.Tensor, per_class: int) -> bytes:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.description}"),
-        console=console,
-    )
+    columns = TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.description}")
+    return Progress(*columns, console=console)
 
 
 def resumable_checkpoint(config: TrainConfig, checkpoint_path: Path, fingerprint: str, world_size: int, console: Console) -> dict | None:
@@ -322,12 +319,17 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, chec
         console.print("[yellow]train.early_stopping_patience is set but there are no held-out images "
                       "(data.val_per_class: 0, no data.val_source): training runs all train.steps[/yellow]")
 
+    start = resume["step"] if resume else 0
+    # rich's bar draws nothing when stderr is not a terminal (dvc under the flow, a CI log): a line per tenth then
+    tenths = Milestones(f"train {train_config.model}", train_config.steps, unit="steps", done=start) \
+        if rank == 0 and not console.is_terminal else None
     with _progress(console) as progress:
-        task = progress.add_task("", total=train_config.steps, completed=resume["step"] if resume else 0)
+        task = progress.add_task("", total=train_config.steps, completed=start)
 
         def on_log(current: TrainState, row: dict) -> None:
-            text = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step")
-            progress.update(task, completed=current.step, description=text)
+            progress.update(task, completed=current.step, description=" ".join(f"{k}={v:.3f}" for k, v in row.items() if k != "step"))
+            if tenths is not None:
+                tenths.reach(current.step)
 
         generator, state, summary = fit_generator(
             train_config, prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y, n_classes=prepared.n_classes,

@@ -45,3 +45,42 @@ def test_evaluate_prints_where_it_is_while_it_trains(capsys, tiny_prepared):
         networks, steps, total = map(int, re.search(rf"evaluate: (\d) {what} x 2 seeds, (\d+) steps: 100% of (\d+) network-steps",
                                                     out).groups())
         assert total == networks * 2 * steps and steps in (4, 8)  # the budget found
+
+
+def test_the_filter_stage_s_lines_end_at_100_percent_with_and_without_held_out_images(tiny_prepared):
+    """fitting_work counts what fit_filters_on trains: the lines stop at 100%, not short of it or early."""
+    from synthgen import filter as filter_stage
+    from synthgen.config import load_config
+    from synthgen.data import load_prepared
+    from synthgen.models import build_generator
+
+    prepared = load_prepared(tiny_prepared)
+    config = load_config(None, ["filter.classifier_steps=7", "filter.discriminator_steps=5", "filter.discriminator_samples=4",
+                                "filter.discriminator_calibration_samples=4", "filter.device=cpu", "generate.device=cpu"])
+    model = build_generator("cvae", prepared.n_classes, (1, 8, 8), base_channels=8)
+    fakes = filter_stage.reference_samples(model, prepared.n_classes, config.filter, config.generate, "cpu", "prior")
+    for held_out, expected in (((prepared.val.x, prepared.val.y), 3 * 5 + 7), (None, 3 * 5 + 4 * 7)):  # 3 folds; + 3 folds
+        work = filter_stage.fitting_work(config.filter, held_out is not None, fakes)
+        stream = io.StringIO()
+        with progress.milestones("filter", work, stream=stream):
+            filter_stage.fit_filters_on(config.filter, prepared.train.x, prepared.train.y, model, "cpu", held_out,
+                                        prepared.n_classes, fakes)
+        assert work == expected and stream.getvalue().splitlines()[-1].startswith(f"filter: 100% of {expected} network-steps")
+
+
+def test_generator_training_prints_a_line_per_tenth_when_not_on_a_terminal_and_resumes_from_its_step(tiny_prepared, tmp_path,
+                                                                                                     capsys):
+    from synthgen import train
+    from synthgen.config import load_config
+
+    def run(steps: int) -> str:
+        config = load_config(None, ["train.model=cvae", f"train.steps={steps}", "train.log_every=2", "train.checkpoint_every=4",
+                                    "train.batch_size=16", "train.device=cpu", "train.cvae.base_channels=4", "train.cvae.latent_dim=4"])
+        train.main(config, tiny_prepared, tmp_path / "models", tmp_path / "checkpoints")
+        return capsys.readouterr().out
+
+    def percents(out: str) -> list[str]:
+        return [line.split("%")[0].removeprefix("train cvae: ") for line in out.splitlines() if line.startswith("train cvae:")]
+
+    assert percents(run(4)) == ["50", "100"]  # a loss row every 2 steps: at 2 of 4, 4 of 4
+    assert percents(run(8)) == ["70", "100"]  # resumed at 4 of 8 (50%, not printed again): at 6 of 8, 8 of 8
