@@ -43,9 +43,8 @@ from rich.table import Table
 from synthgen.artifacts import load_manifest, load_pool
 from synthgen.config import EvaluateConfig
 from synthgen.data import load_prepared
-from synthgen.evaluate import tail_classes
 from synthgen.filters import FILTERS, SCORE_COLUMNS, per_class_quantile
-from synthgen.metrics import score, t_interval
+from synthgen.metrics import score, t_interval, tail_classes
 from synthgen.models.classifier import fit_members
 from synthgen.recipes import classifier_params, recipe_named
 

@@ -39,7 +39,7 @@ from synthgen.config import Config, EvaluateConfig, config_to_dict
 from synthgen.data import DataError, LabeledImages, check_disjoint, load_prepared, random_per_class
 from synthgen.device import resolve_device, training_precision
 from synthgen.io import atomic_dir, read_json, write_json
-from synthgen.metrics import score, t_interval
+from synthgen.metrics import score, t_interval, tail_classes
 from synthgen.models.classifier import fit_tasks
 from synthgen.quality import generator_quality
 from synthgen.progress import milestones
@@ -105,7 +105,9 @@ def extra_sets(real_train: LabeledImages, synthetic, unfiltered, config: Evaluat
     n_classes = real_train.n_classes
     if synthetic is not None and config.synthetic_per_class is not None:
         synthetic = synthetic.subset(random_per_class(synthetic.y, [config.synthetic_per_class] * n_classes, config.seed))
-    if unfiltered is not None and synthetic is not None:
+    if synthetic is None:  # no accepted set (filter not run): the ablation has no counts to match
+        unfiltered = None
+    if unfiltered is not None:
         unfiltered = unfiltered.subset(first_candidates(unfiltered, np.bincount(synthetic.y, minlength=n_classes)))
     return {"synthetic": synthetic, "unfiltered": unfiltered}
 
@@ -128,12 +130,6 @@ def differing_samples(synthetic: LabeledImages | None, unfiltered: LabeledImages
 
 
 # ------------------------------------------------------------------------ tables
-def tail_classes(train_counts: np.ndarray, n_tail: int = 5) -> np.ndarray:
-    """The ``n_tail`` classes with the fewest real training images (at most half of the classes)."""
-    n_tail = max(1, min(n_tail, len(train_counts) // 2))
-    return np.sort(np.argsort(train_counts, kind="stable")[:n_tail])
-
-
 def summarize_arms(per_seed: pd.DataFrame, confidence: float) -> dict:
     """{arm: {metric: t_interval}} from the per-seed table."""
     return {

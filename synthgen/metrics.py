@@ -1,7 +1,8 @@
 """Metrics shared by the stages: classification scores, intervals over seeds, nearest-neighbour distances.
 
 No stage owns them: :func:`stratified_folds` cuts the cross-fitting folds of the confidence filter
-and of the recipe selection; ``evaluate`` scores arms with :func:`score` and :func:`t_interval`, the
+and of the recipe selection; ``evaluate`` scores arms with :func:`score` (recall of the
+:func:`tail_classes` too) and :func:`t_interval`, the
 novelty filter and the near-copy metric use :func:`nearest_distance`, generator quality uses
 :func:`pairwise_distances`.
 """
@@ -16,6 +17,17 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 
+def tail_classes(train_counts: np.ndarray, n_tail: int = 5) -> np.ndarray:
+    """The classes with the fewest real training images: those with no more than the ``n_tail``-th fewest (``n_tail``
+    at most half of the classes), ties kept whole rather than cut by class index; none when every class has as many."""
+    counts = np.asarray(train_counts)
+    if len(counts) == 0 or counts.min() == counts.max():
+        return np.zeros(0, dtype=np.int64)
+    cutoff = np.sort(counts)[max(1, min(n_tail, len(counts) // 2)) - 1]
+    # a cutoff tied with the largest classes would take them all: then only the classes below them
+    return np.flatnonzero(counts < cutoff if cutoff == counts.max() else counts <= cutoff)
+
+
 def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, tail: np.ndarray | None = None) -> dict:
     """Accuracy, macro-F1 (sklearn.metrics), balanced accuracy, per-class recall, tail-class recall."""
     labels = np.arange(n_classes)
@@ -24,7 +36,7 @@ def score(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, tail: np.ndarr
         "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "tail_recall": float(recall[tail].mean()) if tail is not None else float("nan"),
+        "tail_recall": float(recall[tail].mean()) if tail is not None and len(tail) else float("nan"),  # none: balanced
         "recall": recall.astype(float),
     }
 

@@ -52,10 +52,18 @@ def _num(value) -> str:
 
 def _interval(stat: dict | None, signed: bool = False) -> str:
     """'91.30 [90.10, 92.50]' in percent points."""
-    if not stat:
+    if not stat or not _scored(stat["mean"]):  # e.g. tail recall on balanced data
         return "n/a"
     sign = "+" if signed and stat["mean"] >= 0 else ""
     return f"{sign}{_pct(stat['mean'])} [{_pct(stat['ci_low'])}, {_pct(stat['ci_high'])}]"
+
+
+def level(metrics: dict) -> str:  # the intervals' confidence level as evaluate used it: '95%', '90%', '97.5%'
+    return f"{100 * metrics['evaluate']['confidence']:g}%"
+
+
+def tail_text(tail: list[int], class_names: list[str]) -> str:
+    return str([class_names[c] for c in tail]) if tail else "none (every class has as many real images; tail recall n/a)"
 
 
 def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple[list[dict], list[dict]]:
@@ -68,7 +76,7 @@ def summary_tables(metrics: dict, class_names: list[str] | None = None) -> tuple
         gain = metrics["gains"].get(arm, {}).get("balanced_accuracy")
         gains_rows.append({
             "arm": arm,
-            "balanced accuracy % [95% CI]": _interval(stats["balanced_accuracy"]),
+            f"balanced accuracy % [{level(metrics)} CI]": _interval(stats["balanced_accuracy"]),
             "accuracy %": _interval(stats["accuracy"]),
             "macro-F1 %": _interval(stats["macro_f1"]),
             "tail-class recall %": _interval(stats["tail_recall"]),
@@ -183,7 +191,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
         f"make the classifier better? The strongest recipe without it on the test set is `{metrics['best_baseline']}`; "
         f"the strongest with it is `{metrics['best_synthetic']}`: {_interval(gain, signed=True)} points "
         f"balanced accuracy (paired over {metrics['evaluate']['seeds']} classifier seeds, "
-        f"{int(100 * metrics['evaluate']['confidence'])}% t-interval).",
+        f"{level(metrics)} t-interval).",
         "",
         selection_text(metrics),
         "",
@@ -217,7 +225,7 @@ def render_markdown(metrics: dict, card: dict) -> str:
         f"every arm: {metrics['selection']['steps']} steps, batch {metrics['evaluate']['batch_size']}, lr {metrics['evaluate']['lr']}; "
         f"synthetic loss weight {metrics['evaluate']['synthetic_weight']}. Train {metrics['counts']['train']} real images, "
         f"{metrics['counts']['synthetic']} synthetic; test {metrics['counts']['test']} real images. "
-        f"Tail classes (fewest real images): {[class_names[c] for c in metrics['counts']['tail_classes']]}.",
+        f"Tail classes (fewest real images): {tail_text(metrics['counts']['tail_classes'], class_names)}.",
         "",
         markdown_table(gains_rows),
         "",
@@ -266,7 +274,7 @@ def plot_gains(metrics: dict, path: Path) -> None:
     ax.barh(arms, means, xerr=[means - low, high - means], color=colors, capsize=4)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']}\n(the strongest baseline; points, 95% CI)")
+    ax.set_xlabel(f"balanced accuracy gain vs {metrics['best_baseline']}\n(the strongest baseline; points, {level(metrics)} CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long arm names and labels stay inside the image
     plt.close(fig)
@@ -323,13 +331,11 @@ def main(config: Config, prepared_dir, models_root, synthetic_root, reports_dir)
     metrics = read_json(metrics_path)
     prepared = load_prepared(prepared_dir)
     filter_summary_path = synthetic_root / "filter_summary.json"
+    filter_summary = read_json(filter_summary_path) if filter_summary_path.is_file() else None
     card = {
-        "class_names": list(prepared.class_names),
-        "meta": prepared.meta,
-        "calibration": (read_json(filter_summary_path).get("calibration") if filter_summary_path.is_file() else None),
-        "generator": generator_card(Path(models_root), config.train.model),
-        "filter_summary": read_json(filter_summary_path) if filter_summary_path.is_file() else None,
-        "params": config_to_dict(config),
+        "class_names": list(prepared.class_names), "meta": prepared.meta,
+        "calibration": (filter_summary or {}).get("calibration"), "generator": generator_card(Path(models_root), config.train.model),
+        "filter_summary": filter_summary, "params": config_to_dict(config),
     }
     with atomic_dir(reports_dir / "figures") as figures:
         plot_gains(metrics, figures / "gain_per_arm.png")

@@ -327,3 +327,23 @@ def test_a_synthetic_set_of_other_classes_is_refused_by_name():
     with pytest.raises(DataError, match=r"classes \['cat', 'emu'\].*\['cat', 'dog'\].*rerun generate and filter"):
         evaluate.training_set(real, stale, 1.0)
     assert len(evaluate.training_set(real, LabeledImages(stale.x, stale.y, real.class_names), 1.0)[0]) == 6
+
+
+@pytest.mark.parametrize(("counts", "tail"), [
+    ([50, 32, 21, 14, 9, 6, 4, 2, 2, 1], [5, 6, 7, 8, 9]),  # the demo's long tail: the five rarest
+    ([9, 9, 5, 5, 5, 5, 5, 5, 9, 9], [2, 3, 4, 5, 6, 7]),  # six tied at the cutoff: all of them, not the first five by index
+    ([1, 1, 1, 1, 2, 2, 2, 2, 2, 2], [0, 1, 2, 3]),  # the cutoff tied with the largest classes: only those below
+    ([8] * 10, []),  # balanced: no tail
+    ([1000, 40, 1], [2]),
+])
+def test_tail_classes_keep_ties_whole_and_balanced_data_has_none(counts, tail):
+    from synthgen.metrics import tail_classes
+
+    assert tail_classes(np.array(counts)).tolist() == tail
+
+
+def test_without_an_accepted_set_there_is_no_unfiltered_arm(tiny_prepared):
+    """The ablation matches the accepted set's class counts; with no accepted set (filter not run) it would be the whole pool."""
+    prepared = load_prepared(tiny_prepared)
+    extras = evaluate.extra_sets(prepared.train, None, prepared.val, EvaluateConfig())
+    assert extras == {"synthetic": None, "unfiltered": None}

@@ -118,3 +118,14 @@ def test_filter_table_says_not_judged_instead_of_a_threshold_that_decides_nothin
     assert cat["discriminator_threshold"] == "-1.23" and cat["discriminator_acceptance"] == "0.98"
     assert horse["discriminator_threshold"] == horse["discriminator_acceptance"] == "not judged"
     assert horse["classifier_threshold"] == "n/a" and horse["accepted"] == 100
+
+
+def test_the_report_gives_the_confidence_level_evaluate_used_and_no_tail_on_balanced_data(metrics, tiny_prepared):
+    prepared = load_prepared(tiny_prepared)  # 8 training images in every class: no class is a tail class
+    card = {"class_names": list(prepared.class_names), "meta": prepared.meta, "generator": {}, "filter_summary": None, "params": {}}
+    at_90 = {**metrics, "evaluate": {**metrics["evaluate"], "confidence": 0.9}}
+    text = report.render_markdown(at_90, card)
+    assert "| arm | balanced accuracy % [90% CI] |" in text and "90% t-interval" in text and "95%" not in text
+    assert report.level({"evaluate": {"confidence": 0.975}}) == "97.5%"  # not cut to 97
+    assert metrics["counts"]["tail_classes"] == [] and "Tail classes (fewest real images): none" in text
+    assert all(not np.isfinite(row["tail_recall"]["mean"]) for row in metrics["arms"].values())
