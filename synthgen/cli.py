@@ -160,7 +160,8 @@ def filter_(
 @app.command()
 def export(
     synthetic: Annotated[Path, typer.Option(help="Synthetic root written by `filter`.")] = SYNTHETIC,
-    out: Annotated[Path, typer.Option(help="Directory for the ImageFolder tree.")] = Path("synthetic-imagefolder"),
+    out: Annotated[Path, typer.Option(help="Directory for the ImageFolder tree: new, empty or an earlier export (replaced "
+                                           "whole).")] = Path("synthetic-imagefolder"),
     workers: Annotated[str, typer.Option(help="Processes writing PNGs: a number, or auto (every core from 10,000 images on).")] = "auto",
 ) -> None:
     """Write the accepted set as an ImageFolder tree OUT/<class>/<sample_id>.png from its npz shards.

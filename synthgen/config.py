@@ -10,7 +10,7 @@ overrides (the CLI's ``--set``) before validation, so overrides are type-checked
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -287,11 +287,6 @@ class Config(Section):
 
 
 # ------------------------------------------------------------------------ loading
-def _parse_scalar(text: str) -> Any:
-    """Parse an override value as YAML, so `3`, `0.5`, `null`, `true` get their types."""
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Return a copy of ``raw`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
     merged = yaml.safe_load(yaml.safe_dump(raw)) or {}
@@ -302,11 +297,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = merged
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a null section (data.long_tail: null) that this key starts
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {key!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_scalar(value.strip())
+        node[parts[-1]] = yaml.safe_load(value.strip()) if value.strip() else ""  # YAML: `3`, `0.5`, `null`, `true` typed
     return merged
 
 
@@ -314,7 +311,10 @@ def _format_errors(error: ValidationError, origin: str) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
-        lines.append(f"  {key}: {item['msg']}")
+        hint = ""
+        if item["type"] == "string_type" and isinstance(item.get("input"), (bool, int, float)):  # YAML read `2024`, `off`
+            hint = f" (YAML read it as {item['input']!r}: quote it, e.g. --set '{key}=\"...\"')"
+        lines.append(f"  {key}: {item['msg']}{hint}")
     return f"invalid params in {origin}:\n" + "\n".join(lines)
 
 

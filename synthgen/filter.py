@@ -33,8 +33,8 @@ from synthgen.filters import (
     FILTERS, SCORE_COLUMNS, ClaimFilter, ConfidenceFilter, DiscriminatorFilter, NoveltyFilter, RealnessFilter, judge_only, judged,
 )
 from synthgen.generate import (
-    compute_quotas, first_round_requests, generate_candidates, load_model, make_shard_specs, model_path_for, next_batch_start,
-    run_shard,
+    check_pool, compute_quotas, first_round_requests, generate_candidates, load_model, make_shard_specs, model_path_for,
+    next_batch_start, run_shard,
 )
 from synthgen.io import atomic_dir, read_json
 from synthgen.progress import milestones
@@ -322,10 +322,9 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     if not (pool_dir / POOL_SUMMARY).is_file():
         raise DataError(f"{pool_dir / POOL_SUMMARY} not found: run `synthgen generate` first")
     pool_summary = read_json(pool_dir / POOL_SUMMARY)
-    if list(pool_summary["class_names"]) != list(prepared.class_names):
-        raise DataError(f"{pool_dir} was generated for classes {pool_summary['class_names']}, the prepared data has {list(prepared.class_names)}")
-    device = resolve_device(config.filter.device)
     model_path = model_path_for(config, models_root)
+    check_pool(pool_dir, pool_summary, prepared, model_path)
+    device = resolve_device(config.filter.device)
     model = load_model(model_path, device)
     latent = pool_summary.get("latent", "prior")
     fakes = reference_samples(model, prepared.n_classes, config.filter, config.generate, str(device), latent)

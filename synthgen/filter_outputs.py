@@ -21,6 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from synthgen.artifacts import FILTER_SUMMARY, load_accepted, read_shard, shard_paths
+from synthgen.data import DataError
 from synthgen.filters import FILTERS, SCORE_COLUMNS, judged
 from synthgen.grids import save_labeled_grid
 from synthgen.io import atomic_dir, atomic_write_text, read_json, save_npz, write_json
@@ -28,6 +29,7 @@ from synthgen.png_tree import write_tree
 
 MANIFEST_COLUMNS = ["sample_id", "class", "label", "round", *(SCORE_COLUMNS[name] for name in FILTERS), "accepted", "rejected_by"]
 GRID_PER_CLASS = 8
+EXPORT_MARK = ".synthgen-export"  # marks a folder export may replace; ImageFolder ignores files beside the class folders
 
 
 def manifest_table(table: pd.DataFrame, class_names) -> pd.DataFrame:
@@ -118,8 +120,23 @@ def export_image_folder(synthetic_root: str | Path, out_dir: str | Path, workers
     Built in a temp sibling and swapped in at the end (:func:`synthgen.io.atomic_dir`), so an
     interrupted export leaves no half-written tree. Returns the number of images written.
     """
-    root = Path(synthetic_root)
+    root, out_dir = Path(synthetic_root), Path(out_dir)
     load_accepted(root)  # refuses a root without a committed summary, or whose shards disagree with it
+    check_export_target(root, out_dir)
     class_names = read_json(root / FILTER_SUMMARY)["class_names"]
     with atomic_dir(out_dir) as tmp:
+        atomic_write_text(tmp / EXPORT_MARK, "an ImageFolder tree written by `synthgen export`; the next export replaces it\n")
         return write_tree(shard_paths(root / "accepted-shards"), tmp, class_names, workers)
+
+
+def check_export_target(synthetic_root: Path, out_dir: Path) -> None:
+    """The export replaces ``out_dir`` whole: refuse one that holds anything but an earlier export, or overlaps the
+    synthetic root (``.`` or ``data/`` would take the project with it)."""
+    out, root = out_dir.resolve(), synthetic_root.resolve()
+    if out == root or out in root.parents or root in out.parents:
+        raise DataError(f"--out {out_dir} overlaps the synthetic root {synthetic_root}: export to a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out_dir} is a file: export to a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARK).is_file():
+        raise DataError(f"--out {out_dir} holds files that are not an earlier export, and the export would replace them: "
+                        f"choose a new or empty folder")

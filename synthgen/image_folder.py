@@ -6,7 +6,7 @@ decoded to ONE mode: grey (C=1) when every image is grey, else RGB (C=3). Refusi
 would make the user convert files by hand for no gain, and keeping only grey would throw colour
 away; converting grey to RGB loses nothing (R = G = B). What was changed is not silent: each kind
 of change becomes a line of ``LabeledImages.notes`` ("converted 3 grey images (one channel, or three
-equal ones) to RGB (e.g. cat/img7.png)", "dropped the alpha channel of 2 images ..."), which ``prepare`` prints and writes
+equal ones) to RGB (e.g. cat/img7.png)", "painted 2 images with transparency onto white ..."), which ``prepare`` prints and writes
 into ``meta.json`` and ``summary.json``. Palette images are decoded to RGB (or grey when their
 colours are all grey); an RGB file whose three channels are equal counts as grey.
 
@@ -58,7 +58,7 @@ def _decode(path: Path) -> tuple[Image.Image, bool, bool]:
     """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey).
 
     Returns the image, whether the file had an alpha channel (or palette transparency), which is
-    dropped, and whether it was 16-bit grey, which is scaled to 8 bits.
+    painted onto a background (:func:`_flatten`), and whether it was 16-bit grey, which is scaled to 8 bits.
     """
     try:
         with Image.open(path) as image:
@@ -66,14 +66,29 @@ def _decode(path: Path) -> tuple[Image.Image, bool, bool]:
             had_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
             if image.mode in _WIDE_GREY_MODES:
                 return _wide_grey_to_l(image), had_alpha, True
-            if image.mode in _GREY_MODES:
-                return image.convert("L"), had_alpha, False
-            rgb = image.convert("RGB")
+            if image.mode in _GREY_MODES and not had_alpha:
+                return image.convert("L"), False, False
+            rgb = _flatten(image) if had_alpha else image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from None
     array = np.asarray(rgb)
     is_grey = np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
     return (rgb.convert("L") if is_grey else rgb), had_alpha, False
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """An image with transparency -> 'RGB', painted onto white behind dark content and black behind light content.
+
+    Dropping the alpha channel keeps whatever colour the transparent pixels hold: a glyph drawn only in
+    the alpha channel (one colour on a transparent sheet) became a plain square. Either background keeps
+    what is drawn visible; fully opaque pixels are unchanged.
+    """
+    rgba = image.convert("RGBA")
+    pixels = np.asarray(rgba)
+    drawn = pixels[..., 3] >= 128
+    light = drawn.any() and pixels[..., :3][drawn].mean() > 127.5
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if light else (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def _wide_grey_to_l(image: Image.Image) -> Image.Image:
@@ -98,7 +113,7 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
     """Decode ``root/<class_name>/**/<file>`` with PIL (progress bar while decoding).
 
     Colour (module docstring): if any image is colour, all images become RGB (C=3) and the grey
-    ones are counted in a note; else all are grey 'L' (C=1). Alpha is dropped, with a note. A
+    ones are counted in a note; else all are grey 'L' (C=1). Transparency is painted onto a background, with a note. A
     non-image or corrupt/truncated file, a class folder without images, or different image sizes
     while ``image_size`` is null are DataErrors naming the file(s) or class.
     """
@@ -120,7 +135,7 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
     mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
     grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
     notes = (_count_note("converted {n} grey image{s} (one channel, or three equal ones) to RGB", grey, root)
-             + _count_note("dropped the alpha channel of {n} image{s}", with_alpha, root)
+             + _count_note("painted {n} image{s} with transparency onto white (black behind light content)", with_alpha, root)
              + _count_note("scaled {n} 16-bit grey image{s} to 8 bits", wide, root))
     arrays = [np.asarray(image.convert(mode)) for image in decoded]
     x = np.stack(arrays)

@@ -7,6 +7,7 @@ whole output directories are built in a temp sibling and swapped in only on succ
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -19,10 +20,19 @@ from typing import Any, Iterator
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    """An empty temp file beside ``path``, with the mode ``path`` has or a new file would get (mkstemp makes it
+    0600, which the rename would keep: a team's shared project unreadable to all but its writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(handle)
+    os.chmod(name, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
     return Path(name)
 
 
@@ -66,6 +76,11 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     """Atomically write an uncompressed ``.npz`` (uint8 images compress poorly and load slower)."""
     path = Path(path)
@@ -89,6 +104,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would survive the rename
     try:
         yield tmp
         old = None

@@ -8,7 +8,6 @@ grid, class names beside its rows, by :mod:`synthgen.grids`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from synthgen.config import Config, config_to_dict
 from synthgen.data import DataError, LabeledImages, load_prepared
 from synthgen.grids import save_labeled_grid
-from synthgen.io import atomic_dir, atomic_write_text, read_json
+from synthgen.io import atomic_dir, atomic_write_text, read_json, sha256_file
 
 LIMITATIONS = (
     "The verdict compares the strongest arm with synthetic images against the strongest without, both "
@@ -308,11 +307,6 @@ def save_sample_grid(images: LabeledImages, path: Path, per_class: int = 8):
 
 
 # ------------------------------------------------------------------------- I/O
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def generator_card(models_root: Path, model: str) -> dict:
     path = Path(models_root) / model / "generator.pt"
     if not path.is_file():

@@ -32,6 +32,7 @@ pipeline's defaults); ``None`` keeps the sections' own seeds. Fits are determini
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 
 import numpy as np
@@ -118,7 +119,9 @@ class SynthgenSampler(BaseSampler):
                     as_section(FilterConfig, self.filter, "filter"))
         if self.random_state is None:
             return sections
-        seed = self.random_state if isinstance(self.random_state, int) else int(check_random_state(self.random_state).randint(2**31))
+        # numpy integers too (a grid search over np.arange seeds); a RandomState draws one
+        state = self.random_state
+        seed = int(state) if isinstance(state, numbers.Integral) else int(check_random_state(state).randint(2**31))
         return tuple(section.model_copy(update={"seed": seed}) for section in sections)  # type: ignore[return-value]
 
     def _check_X_y(self, X, y, accept_sparse=None):

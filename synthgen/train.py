@@ -80,7 +80,7 @@ def model_step(config: TrainConfig, state: TrainState, real: torch.Tensor, batch
         section = config.cgan
         losses = cgan.train_step(
             state.network, state.optimizers, real, batch_labels, state.rng, state.step, parse_policy(section.diffaugment),
-            section.ema_decay, section.lecam_weight, cgan.condition_strength(state.step, config.steps, section.condition_fade),
+            section.ema_decay, section.lecam_weight, cgan.condition_strength(state.step, state.schedule_steps, section.condition_fade),
             section.mode_seeking_weight, **state.parallel,
         )
     elif config.model == "vaegan":

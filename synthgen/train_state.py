@@ -48,6 +48,7 @@ class TrainState:
     train_seconds: float = 0.0  # summed over resumptions
     rank: int = 0
     world_size: int = 1
+    schedule_steps: int = 0  # train.steps when the run began: the cGAN fades conditioning in over a share of it, kept when extended
     parallel: dict = dataclasses.field(default_factory=dict)  # DDP wrappers passed to the inner steps
 
 
@@ -68,7 +69,7 @@ def build_state(
     else:
         optimizers = cvae.build_optimizers(network, config.cvae.lr)
     rng = torch.Generator().manual_seed(config.seed + 1 + 7919 * rank)
-    return TrainState(network, optimizers, rng, rank=rank, world_size=world_size)
+    return TrainState(network, optimizers, rng, rank=rank, world_size=world_size, schedule_steps=config.steps)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -131,6 +132,7 @@ def checkpoint_payload(state: TrainState, config: TrainConfig, fingerprint: str)
         "best_val": state.best_val,
         "bad_evals": state.bad_evals,
         "train_seconds": state.train_seconds,
+        "schedule_steps": state.schedule_steps,
         "config": config_to_dict(config),
         "fingerprint": fingerprint,
     }
@@ -156,6 +158,7 @@ def restore_state(state: TrainState, payload: dict) -> TrainState:
     state.running = dict(payload["running"])
     state.best_val, state.bad_evals = float(payload["best_val"]), int(payload["bad_evals"])
     state.train_seconds = float(payload["train_seconds"])
+    state.schedule_steps = int(payload.get("schedule_steps", payload["config"]["steps"]))
     return state
 
 
@@ -169,4 +172,9 @@ def resume_mismatch(payload: dict, config: TrainConfig, fingerprint: str, world_
     if old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return f"train config changed ({', '.join(changed)})"
+    step, planned = payload.get("step", 0), payload.get("schedule_steps", payload.get("config", {}).get("steps", config.steps))
+    if step > config.steps:  # resuming would keep the longer training under the shorter run's params
+        return f"it is at step {step}, past train.steps={config.steps}"
+    if config.model == "cgan" and config.steps < planned:  # the fade-in would end after the run does
+        return f"the cGAN's class-conditioning fade-in was planned over {planned} steps, more than train.steps={config.steps}"
     return None

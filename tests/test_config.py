@@ -119,3 +119,9 @@ def test_params_yaml_departs_from_the_config_defaults_only_for_the_demo_split():
                 yield f"{prefix}{key}"
 
     assert set(differences(shipped, defaults)) == {"data.source", "data.test_source"}
+
+
+def test_a_key_of_a_null_section_starts_it_and_a_value_yaml_reads_as_a_number_gets_a_hint():
+    assert load_config(None, ["data.long_tail.max=30"]).data.long_tail.max == 30  # long_tail is null by default
+    with pytest.raises(ConfigError, match=r"data.source: .*YAML read it as 2024: quote it"):
+        load_config(None, ["data.source=2024"])

@@ -103,6 +103,46 @@ def test_without_image_folder_dvc_tracks_shards_only_and_export_writes_the_tree(
     assert missing.exit_code == 2 and "filter_summary.json" in missing.output and not (tmp_path / "t2").exists()
     bad = CliRunner().invoke(app, ["export", "--synthetic", str(out), "--out", str(tmp_path / "t3"), "--workers", "0"])
     assert bad.exit_code == 2 and "--workers" in bad.output and not (tmp_path / "t3").exists()
+    again = CliRunner().invoke(app, ["export", "--synthetic", str(out), "--out", str(tmp_path / "tree")])  # an earlier export
+    assert again.exit_code == 0, again.output
+
+
+def test_export_refuses_to_replace_a_folder_that_is_not_an_earlier_export(tiny_prepared, models_root, pool_dir, tmp_path):
+    """The export swaps its folder in whole: a folder of the user's own, or one holding the synthetic root, stays as it was."""
+    from typer.testing import CliRunner
+
+    from synthgen.cli import app
+
+    out = tmp_path / "project" / "data" / "synthetic"
+    run_filter(tiny_prepared, models_root, pool_dir, out, **{"filter.discriminator": "false", "filter.classifier": "false"})
+    mine = tmp_path / "mine"
+    (mine / "cats").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    for target, says in ((mine, "not an earlier export"), (out, "overlaps the synthetic root"), (tmp_path / "project", "overlaps"),
+                         (out / "tree", "overlaps"), (mine / "notes.txt", "is a file")):
+        result = CliRunner().invoke(app, ["export", "--synthetic", str(out), "--out", str(target)])
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), (target, result.output)
+    assert (mine / "notes.txt").read_text() == "my notes" and (mine / "cats").is_dir() and (out / "filter_summary.json").is_file()
+
+
+def test_outputs_get_the_permissions_of_the_umask_not_mkstemp_s_owner_only(tmp_path):
+    """Atomic writes build in temp files and folders that mkstemp / mkdtemp make 0600 / 0700; a team's readers need more."""
+    import os
+
+    from synthgen.io import atomic_dir, atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as work:
+            atomic_write_text(work / "a.txt", "a")
+        kept = tmp_path / "kept.txt"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        atomic_write_text(kept, "new")  # a file that exists keeps its own mode
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755 and (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
 
 
 def test_png_tree_from_worker_processes_is_the_tree_one_process_writes(tmp_path):
@@ -290,12 +330,14 @@ def test_in_memory_selection_matches_the_shard_path(tiny_prepared, models_root, 
 def test_every_generator_gets_a_discriminator_filter_by_default(tiny_prepared, models_root, pool_dir, tmp_path):
     """The cVAE has no discriminator of its own: the default posthoc one is trained for it, and it rejects something."""
     # an untrained generator's samples all look alike; the median cut shows the filter at work on them
-    summary = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "a",
+    cvae_pool = tmp_path / "pool"  # the cVAE's own candidates: filter refuses another generator's pool
+    generate.main(tiny_config(**{"train.model": "cvae"}), tiny_prepared, models_root, cvae_pool)
+    summary = run_filter(tiny_prepared, models_root, cvae_pool, tmp_path / "a",
                          **{"train.model": "cvae", "generate.max_rounds": 1, "filter.discriminator_quantile": 0.5})
     assert summary["filters"]["discriminator"] == "on" and 0.5 <= summary["discriminator_separation"] <= 1
     acceptance = [entry["discriminator_acceptance"] for entry in summary["per_class"].values()]
     assert min(acceptance) < 1 and np.isfinite(artifacts.load_manifest(tmp_path / "a")["d_score"]).all()
-    own = run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "b",
+    own = run_filter(tiny_prepared, models_root, cvae_pool, tmp_path / "b",
                      **{"train.model": "cvae", "generate.max_rounds": 1, "filter.discriminator_source": "model"})
     assert own["filters"]["discriminator"] == "n/a"  # a cVAE has no discriminator of its own
     assert artifacts.load_manifest(tmp_path / "b")["d_score"].isna().all()

@@ -132,3 +132,9 @@ def test_nothing_to_over_sample_returns_the_input_untrained():
     np.testing.assert_array_equal(X_res, X)
     np.testing.assert_array_equal(y_res, y)
     assert model.generator_ is None and model.filter_summary_["quota"] == 0
+
+
+def test_a_numpy_integer_seed_is_the_same_seed():
+    """A grid search over np.arange(...) seeds passes numpy integers: they must not be treated as a RandomState."""
+    as_int, as_numpy = sampler(random_state=5)._sections(), sampler(random_state=np.int64(5))._sections()
+    assert [section.seed for section in as_numpy] == [section.seed for section in as_int] == [5, 5, 5]

@@ -300,3 +300,17 @@ def test_ddp_two_processes_with_torchrun(prepared_dir, tmp_path, kind):
     summary = read_json(tmp_path / "models" / kind / "summary.json")
     assert summary["resumed_from_step"] == 20 and summary["steps"] == 30
     assert load_generator(tmp_path / "models" / kind / "generator.pt").step == 30
+
+
+def test_an_extended_cgan_keeps_its_conditioning_fade_and_a_shortened_run_starts_fresh(prepared_dir, tmp_path, capsys):
+    """train.steps may change between runs: an extension continues with the fade-in it began with (the strength
+    would drop from 1 back to 0.25 if the fade were a share of the new total); a checkpoint past the new total is not
+    resumed (the model would be the longer run's under the shorter run's params)."""
+    run_main(prepared_dir, tmp_path, "train.steps=20")  # fade over steps 2-10 of 20: full strength from step 10
+    extended = run_main(prepared_dir, tmp_path, "train.steps=80")
+    strength = pd.read_csv(tmp_path / "models/cgan/losses.csv").set_index("step")["strength"]
+    assert extended["resumed_from_step"] == 20 and strength.loc[25:].min() == 1.0
+    capsys.readouterr()
+    shortened = run_main(prepared_dir, tmp_path, "train.steps=30")  # the checkpoint is at step 80
+    assert shortened["resumed_from_step"] == 0 and shortened["steps"] == 30
+    assert "past train.steps=30" in " ".join(capsys.readouterr().err.split())
