@@ -8,7 +8,8 @@ Each way runs :func:`synthgen.evaluate.run_arms` with the params' evaluate secti
 the budget search; the out-of-fold recipe selection too when ``evaluate.test_every_recipe`` is
 false), on the same seeds:
 
-* ``one at a time``: every model trains alone (``evaluate.batched: false``), the reference path;
+* ``one at a time``: every model trains alone (``evaluate.batched: false``), one after another with
+  every intra-op thread: the reference path;
 * ``per arm``: each call's seeds as one grouped network, arms one after another (the code before
   arms were batched together);
 * ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it on small images
@@ -21,6 +22,11 @@ false), on the same seeds:
 * ``default-unshared``: the same, but every baseline arm trains even where balanced data make two
   recipes the same network (oversampling and the logit adjustment change nothing there: the stage
   trains those once, ``synthgen.recipes.same_network``); the code before that.
+* ``default-sequential``: the default, but the networks of one call train one after another with every
+  intra-op thread instead of side by side with one each (``fit_tasks(concurrent=False)``); the code before
+  that. The numbers differ by float rounding (thread counts round differently).
+
+A way named twice runs twice (interleave them: this machine's load drifts).
 
 Prints wall seconds (and each training call's: models x steps, seconds), the speed-up over one at
 a time, and whether the ways reach the same budget, recipe given the synthetic set, verdict and gain
@@ -40,19 +46,24 @@ from rich.table import Table
 
 from synthgen import evaluate
 from synthgen.models.members import fit_members, fit_tasks
+
+
+def sequential(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, **options) -> list:
+    """``fit_tasks`` with the networks of a call one after another, every intra-op thread each."""
+    return fit_tasks(tasks, batched, cpu_bf16, concurrent=False)
 from workdir import open_work  # bench/workdir.py: python puts the script's folder on sys.path
 
 
-def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False) -> list:
+def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, **options) -> list:
     """Each task as its own grouped network, one after another (seeds batched, arms not)."""
     return [fit_members(**task, batched=batched, cpu_bf16=cpu_bf16) for task in tasks]
 
 
 def timed(fit, calls: list[str]):
     """``fit`` that also notes, per call, how many models of how many steps it trained and in how many seconds."""
-    def call(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False) -> list:
+    def call(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, **options) -> list:
         started = time.perf_counter()
-        fitted = fit(tasks, batched, cpu_bf16)
+        fitted = fit(tasks, batched, cpu_bf16, **options)
         models = sum(len(task["seeds"]) for task in tasks)
         calls.append(f"{models} x {tasks[0]['steps']} steps: {time.perf_counter() - started:.1f} s" if tasks else "none")
         return fitted
@@ -62,7 +73,7 @@ def timed(fit, calls: list[str]):
 def main(
     work: Annotated[Path, typer.Argument(help="Directory holding prepared/, synthetic/ and pool/.")] = Path("data"),
     params: Annotated[Optional[Path], typer.Option(help="params.yaml (default: ./params.yaml when present).")] = None,
-    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm, default, default-unshared.")] = "one-at-a-time,per-arm,every-arm,default",
+    ways: Annotated[str, typer.Option(help="Comma-separated: one-at-a-time, per-arm, every-arm, default, default-unshared, default-sequential.")] = "one-at-a-time,per-arm,every-arm,default",
 ) -> None:
     console, config, prepared = open_work(work, params)
     if prepared is None:
@@ -72,12 +83,14 @@ def main(
                   f"{prepared.train.x.shape[1:]}, {len(prepared.test.y)} test, {0 if synthetic is None else len(synthetic.y)} synthetic; "
                   f"{config.seeds} seeds, recipes {list(config.recipes)}", highlight=False)
     fit_members(prepared.train.x[:64], prepared.train.y[:64], [0, 1], steps=2, n_classes=prepared.n_classes, device=config.device)  # warm-up
-    setups = {"one-at-a-time": (False, fit_tasks, False, True), "per-arm": ("auto", per_arm, False, True),
+    setups = {"one-at-a-time": (False, sequential, False, True), "per-arm": ("auto", per_arm, False, True),
               "every-arm": (True, fit_tasks, False, True), "default": (config.batched, fit_tasks, config.cpu_bf16, True),
-              "default-unshared": (config.batched, fit_tasks, config.cpu_bf16, False)}
+              "default-unshared": (config.batched, fit_tasks, config.cpu_bf16, False),
+              "default-sequential": (config.batched, sequential, config.cpu_bf16, True)}
     results = {}
-    for way in ways.split(","):
+    for run_number, way in enumerate(ways.split(",")):
         batched, fit, cpu_bf16, share = setups[way]
+        way = way if way not in results else f"{way} (run {run_number + 1})"
         started, calls = time.perf_counter(), []
         outcome = evaluate.run_arms(prepared.train, prepared.test, synthetic, unfiltered, config.model_copy(update={"batched": batched, "cpu_bf16": cpu_bf16}),
                                     fit=timed(fit, calls), share_networks=share)

@@ -31,7 +31,7 @@ WAYS = {"one-at-a-time": (False, False), "grouped": (True, False), "grouped-bf16
 
 def forced(batched: bool, cpu_bf16: bool):
     """``fit_tasks`` that trains every call the given way, whatever the caller asks for."""
-    return lambda tasks, *_, **__: fit_tasks(tasks, batched, cpu_bf16=cpu_bf16)
+    return lambda tasks, *_, **__: fit_tasks(tasks, batched, cpu_bf16=cpu_bf16, concurrent=False)  # one network after another
 
 
 def main(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import threading
 import time
 from typing import Iterator, TextIO
 
@@ -39,15 +40,21 @@ class Milestones:
         self.stream = stream if stream is not None else sys.stdout
         self.done, self.started = int(done), time.perf_counter()
         self.printed = self._tenths()  # a resumed run starts where it was, without lines for the work done before
+        self._lock = threading.Lock()  # networks trained side by side advance one count
 
     def _tenths(self) -> int:
         return min(self.parts, self.done * self.parts // self.total)  # integer: no float drift
 
     def advance(self, units: int = 1) -> None:
-        self.reach(self.done + units)
+        with self._lock:
+            self._report(self.done + units)
 
     def reach(self, done: int) -> None:
         """``done`` units of work finished in all (a training loop that knows its step)."""
+        with self._lock:
+            self._report(done)
+
+    def _report(self, done: int) -> None:
         self.done = int(done)
         reached = self._tenths()
         if reached > self.printed:

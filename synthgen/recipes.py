@@ -97,16 +97,17 @@ def out_of_fold_scores(images: LabeledImages, recipes: list[Recipe], config: Eva
     classes the fold's model trained on (a class with fewer images than folds is missing from some
     training folds; its held-out images would score zero for every recipe and only add noise).
 
-    The models train one at a time whatever ``evaluate.batched`` says: each is a single seed, and a
-    grouped network's float rounding, amplified over hundreds of steps, can flip which of two close
-    recipes wins (measured on the digits demo), so batching would change the selected recipe and with
-    it the verdict. One at a time, the budget and the recipe are exactly the reference path's."""
+    The models train one at a time whatever ``evaluate.batched`` says, one after another with every
+    intra-op thread: a grouped network's float rounding (or, on larger images, one thread's instead of
+    two), amplified over hundreds of steps, can flip which of two close recipes wins (measured on the
+    digits demo), so batching would change the selected recipe and with it the verdict. This way the
+    budget and the recipe are exactly the reference path's."""
     folds = stratified_folds(images.y, config.selection_folds, config.seed)
     held_out = [folds == fold for fold in range(config.selection_folds)]
     held_out = [held for held in held_out if held.any() and not held.all()]
     tasks = [dict(X=images.x[~held], y=images.y[~held], seeds=[config.seed], **classifier_params(recipe, config, images.n_classes, steps))
              for recipe in recipes for held in held_out]
-    fitted = iter(fit(tasks, False))
+    fitted = iter(fit(tasks, False, concurrent=False))
     scores = {}
     for recipe in recipes:
         per_fold = []

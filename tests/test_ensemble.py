@@ -3,12 +3,16 @@ logit adjustment, mixup, and CNNClassifier's estimator basics (tiny CPU models, 
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import check_get_params_invariance, check_no_attributes_set_in_init, check_set_params
 
+from synthgen import progress
 from synthgen.models import classifier, ensemble
 from synthgen.models.classifier import CNNClassifier, fit_members
 
@@ -34,15 +38,26 @@ def batched(images):
     return fit_members(*images, seeds=[0, 1, 2], sample_weight=WEIGHTS, **RECIPE)
 
 
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_batched_equals_one_at_a_time_and_lone_classifiers(images, batched):
     X, y = images
-    lone = fit_members(X, y, seeds=[0, 1, 2], batched=False, sample_weight=WEIGHTS, **RECIPE)
+    with intra_op_threads(1):  # one thread for both: the thread count changes float rounding (see the next test)
+        lone = fit_members(X, y, seeds=[0, 1, 2], batched=False, sample_weight=WEIGHTS, **RECIPE)
+        alone_runs = [CNNClassifier(random_state=seed, **RECIPE).fit(X, y, sample_weight=WEIGHTS) for seed in (0, 1, 2)]
     proba = batched.predict_proba(X)
     assert proba.shape == (3, 40, 3) and batched.predict(X).shape == (3, 40) and batched.seeds == [0, 1, 2]
     np.testing.assert_allclose(proba.sum(axis=2), 1.0, atol=1e-5)
     np.testing.assert_allclose(proba, lone.predict_proba(X), atol=ROUNDING, rtol=0)
-    for e, seed in enumerate([0, 1, 2]):
-        alone = CNNClassifier(random_state=seed, **RECIPE).fit(X, y, sample_weight=WEIGHTS)
+    for e, alone in enumerate(alone_runs):
         for key, value in alone.model_.state_dict().items():  # the same loop with E = 1: the same weights
             torch.testing.assert_close(lone.member(e).state_dict()[key], value, atol=0, rtol=0)
         np.testing.assert_allclose(alone.predict_proba(X), proba[e], atol=ROUNDING, rtol=0)
@@ -72,6 +87,25 @@ def test_tasks_with_different_recipes_and_sets_train_together_as_they_would_alon
         np.testing.assert_allclose(grouped.predict_proba(X), reference, atol=ROUNDING, rtol=0)
     # different recipes really do train differently: the check above would be vacuous otherwise
     assert np.abs(together[0].predict_proba(X)[0] - together[1].predict_proba(X)[0]).max() > 1e-2
+
+
+def test_networks_trained_side_by_side_are_bit_for_bit_what_one_thread_trains_one_after_another(images):
+    """fit_tasks on the CPU trains one-at-a-time networks side by side, one intra-op thread each: nothing leaks
+    between them (the global RNG that initialises them, the progress count) and each is what it is alone."""
+    X, y = images
+    tasks = [dict(X=X, y=y, seeds=[0, 1], **RECIPE), dict(X=X[:30], y=y[:30], seeds=[2], **dict(TINY, balanced=True))]
+    with intra_op_threads(2):
+        side_by_side = classifier.fit_tasks(tasks, batched=False)
+        assert torch.get_num_threads() == 2  # given back
+    with intra_op_threads(1):
+        one_after_another = classifier.fit_tasks(tasks, batched=False, concurrent=False)
+    for concurrent, sequential in zip(side_by_side, one_after_another):
+        for key, value in sequential.model.state_dict().items():
+            torch.testing.assert_close(concurrent.model.state_dict()[key], value, atol=0, rtol=0)
+    stream = io.StringIO()
+    with intra_op_threads(2), progress.milestones("side by side", 3 * RECIPE["steps"], stream=stream):
+        classifier.fit_tasks(tasks, batched=False)
+    assert stream.getvalue().splitlines()[-1].startswith(f"side by side: 100% of {3 * RECIPE['steps']} network-steps")
 
 
 def test_member_init_is_the_lone_classifier_init(images):

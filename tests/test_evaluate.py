@@ -18,7 +18,7 @@ FAST = EvaluateConfig(steps=8, seeds=2, batch_size=16, width=8, device="cpu", qu
 
 def each_task(fit_one):
     """A ``fit_tasks`` stand-in that fits the tasks one by one with ``fit_one`` (fit_members' signature)."""
-    return lambda tasks, batched="auto": [fit_one(**task) for task in tasks]
+    return lambda tasks, batched="auto", concurrent=True: [fit_one(**task) for task in tasks]
 
 
 class SpyFit:
@@ -27,9 +27,9 @@ class SpyFit:
     def __init__(self):
         self.fits, self.predicts = [], []
 
-    def __call__(self, tasks, batched="auto", cpu_bf16=False):
+    def __call__(self, tasks, batched="auto", cpu_bf16=False, concurrent=True):
         self.fits.extend({**task, "seeds": list(task["seeds"])} for task in tasks)
-        return [self.recorded(members) for members in fit_tasks(tasks, batched, cpu_bf16)]
+        return [self.recorded(members) for members in fit_tasks(tasks, batched, cpu_bf16, concurrent)]
 
     def recorded(self, members):
         spy = self
@@ -158,17 +158,17 @@ def test_selection_trains_one_model_at_a_time_in_fp32_even_when_the_arms_are_bat
     let that change the chosen recipe, so they never train grouped. The arms do, when asked."""
     modes = []
 
-    def spy(tasks, batched="auto", cpu_bf16=False):
-        modes.append((len(tasks), batched, cpu_bf16))
-        return fit_tasks(tasks, batched, cpu_bf16)
+    def spy(tasks, batched="auto", cpu_bf16=False, concurrent=True):
+        modes.append((len(tasks), batched, cpu_bf16, concurrent))
+        return fit_tasks(tasks, batched, cpu_bf16, concurrent)
 
     config = FAST.model_copy(update={"batched": True, "cpu_bf16": True, "recipes": ["real", "real+classic"]})
     best, scores = recipes.select_recipe(prepared.train, config, 4, fit=spy)
-    assert modes == [(2 * config.selection_folds, False, False)] and set(scores) == {"real", "real+classic"}
+    assert modes == [(2 * config.selection_folds, False, False, False)] and set(scores) == {"real", "real+classic"}
     modes.clear()
     results = evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"test_every_recipe": False}), fit=spy)
     # the selection one at a time in fp32, then the baseline arms (real and the selected one) in one batched call, in bf16 as asked
-    assert modes[:2] == [(2 * config.selection_folds, False, False), (len({"real", results["selection"]["best_recipe"]}), True, True)]
+    assert modes[:2] == [(2 * config.selection_folds, False, False, False), (len({"real", results["selection"]["best_recipe"]}), True, True, True)]
     assert results["precision"] == "bf16"  # what details.json reports
     assert evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"cpu_bf16": False}))["precision"] == "fp32"
 

@@ -21,6 +21,9 @@ per-sample DataLoader work).
 
 from __future__ import annotations
 
+import contextvars
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,10 +128,12 @@ def train_group(members: list[Member], cpu_bf16: bool = False) -> tuple[ensemble
     taus = torch.tensor([r.logit_adjust_tau if r.loss == "logit_adjusted" else 0.0 for r in recipes], device=device)
     priors = torch.stack([member.data.prior for member in members])[:, None, :]  # (E, 1, K)
     samplings = [member.data.sampling for member in members]
-    states = [seeded_cnn(config, image_size, member.seed).state_dict() for member in members]
     # channels_last: 1.1-1.4x faster steps on the CPU (measured, E = 1 and 5, 8x8 and 28x28); untested elsewhere
     layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    model = ensemble.GroupedCNN.from_member_states(config, image_size, states).to(device, memory_format=layout)
+    # both seed and restore torch's global generator: one group at a time, or one's restore clobbers the other's seed
+    with _GLOBAL_RNG:
+        states = [seeded_cnn(config, image_size, member.seed).state_dict() for member in members]
+        model = ensemble.GroupedCNN.from_member_states(config, image_size, states).to(device, memory_format=layout)
     batch_rngs = [torch.Generator().manual_seed(member.seed) for member in members]
     noise_rngs = [torch.Generator().manual_seed(ensemble.stream_seed(member.seed, ensemble.NOISE_STREAM)) for member in members]
     # AdamW and OneCycleLR act element-wise, so one optimizer over the grouped weights is E independent ones.
@@ -159,6 +164,30 @@ def train_group(members: list[Member], cpu_bf16: bool = False) -> tuple[ensemble
 
 
 AUTO_BATCH_MAX_PIXELS = 16 * 16  # batched="auto" on the CPU: only small images gain from one grouped model
+_GLOBAL_RNG = threading.Lock()
+
+
+def concurrently(fn, jobs: list, device: torch.device, allowed: bool = True) -> list:
+    """``[fn(job) for job in jobs]``; on the CPU with T > 1 intra-op threads and several jobs, by T Python threads
+    of one intra-op thread each (each job runs as it would alone with one thread: a test checks it bit for bit).
+
+    A small CNN's ops use a second thread poorly: two 32x32 models of 300 steps took 25-26 s one after the other
+    with two threads each, 17 s side by side with one; the evaluate stage on MNIST 20 per class (28x28, every
+    arm one model at a time) 1.13-1.20x, the same verdict (bench/bench_evaluate_stage.py, docs/RESULTS.md). A
+    new thread's first steps cost about a second, so short fits gain nothing (the filters' 300-step
+    classifiers: not used there). Each job runs in a copy of this context, so an enclosing
+    :func:`synthgen.progress.milestones` block counts its steps.
+    """
+    threads = torch.get_num_threads()
+    if not allowed or device.type != "cpu" or threads < 2 or len(jobs) < 2:
+        return [fn(job) for job in jobs]
+    torch.set_num_threads(1)  # new threads take the process-wide count when they first run an op
+    try:
+        with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
+            contexts = [contextvars.copy_context() for _ in jobs]  # copied here: a worker thread's own context is empty
+            return list(pool.map(lambda context, job: context.run(fn, job), contexts, jobs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def task_members(X, y, seeds: list[int], *, n_classes=None, width=32, steps=300, batch_size=64, lr=2e-3,
@@ -178,7 +207,7 @@ def task_members(X, y, seeds: list[int], *, n_classes=None, width=32, steps=300,
     return [Member(data, recipe, seed) for seed in seeds]
 
 
-def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False) -> list["Members"]:
+def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, concurrent: bool = True) -> list["Members"]:
     """Train every task (a dict of :func:`fit_members` arguments: X, y, seeds, recipe keywords); one :class:`Members` per task.
 
     ``batched=True``: the members of every task that share a :meth:`Member.group_key` train as one grouped
@@ -194,6 +223,9 @@ def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | 
     8x8 digits (the whole stage 0.96-1.12x: its fp32 selection is half of it, and the machine is noisy),
     the whole stage 1.17x on 28x28 MNIST (bench/bench_evaluate_stage.py, docs/RESULTS.md). It rounds
     more than fp32, so the budget and recipe selection keep fp32.
+
+    ``concurrent``: the networks (groups, or single members) train side by side on the CPU, one intra-op
+    thread each (:func:`concurrently`); false: one after another with every thread (the code before).
     """
     per_task = [task_members(**task) for task in tasks]
     members = [member for group in per_task for member in group]
@@ -206,9 +238,9 @@ def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | 
     for index, member in enumerate(members):
         groups.setdefault(member.group_key() if batched else (index,), []).append(index)
     states, losses = [None] * len(members), [0.0] * len(members)
-    bf16 = cpu_bf16_enabled(members[0].data.device, cpu_bf16)
-    for indices in groups.values():
-        model, final = train_group([members[i] for i in indices], bf16)
+    bf16, jobs = cpu_bf16_enabled(members[0].data.device, cpu_bf16), list(groups.values())
+    trained = concurrently(lambda indices: train_group([members[i] for i in indices], bf16), jobs, members[0].data.device, concurrent)
+    for indices, (model, final) in zip(jobs, trained):
         for position, index in enumerate(indices):
             states[index], losses[index] = model.member_state(position), final[position]
     results, start = [], 0
