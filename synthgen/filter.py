@@ -118,15 +118,16 @@ def fit_filters_on(config: FilterConfig, x: np.ndarray, y: np.ndarray, model, de
     return filters
 
 
-def fitting_work(config: FilterConfig, held_out: bool, fakes: GeneratedReference | None) -> int:
-    """The network-steps :func:`fit_filters_on` trains (its progress lines' 100%): the posthoc discriminator's
-    folds, the confidence filter's scoring classifier and, without held-out images, its folds."""
+def fitting_work(config: FilterConfig, y: np.ndarray, held_out: bool, fakes: GeneratedReference | None) -> int:
+    """The network-steps :func:`fit_filters_on` trains on labels ``y`` (its progress lines' 100%): the posthoc
+    discriminator's folds, the confidence filter's scoring classifier and, without held-out images, its non-empty folds."""
     work = 0
     if config.discriminator and config.discriminator_source == "posthoc" and fakes is not None and len(fakes.y):
         work += max(2, config.calibration_folds) * config.discriminator_steps
     if config.classifier:
         cross_fitted = config.classifier_calibration == "per_class" and not held_out and config.calibration_folds >= 2
-        work += (1 + config.calibration_folds * cross_fitted) * config.classifier_steps
+        folds = ConfidenceFilter(folds=config.calibration_folds, random_state=config.seed).held_out_folds(y) if cross_fitted else []
+        work += (1 + len(folds)) * config.classifier_steps
     return work
 
 
@@ -328,7 +329,7 @@ def main(config: Config, prepared_dir: str | Path, models_root: str | Path, pool
     model = load_model(model_path, device)
     latent = pool_summary.get("latent", "prior")
     fakes = reference_samples(model, prepared.n_classes, config.filter, config.generate, str(device), latent)
-    with milestones("filter: fitting the filters", fitting_work(config.filter, len(prepared.val.y) > 0, fakes)):
+    with milestones("filter: fitting the filters", fitting_work(config.filter, prepared.train.y, len(prepared.val.y) > 0, fakes)):
         filters = fit_filters(config.filter, prepared, model, device, fakes)
     quotas = compute_quotas(prepared.train.counts(), config.generate)
     gen_device = str(resolve_device(config.generate.device))

@@ -227,16 +227,16 @@ class ConfidenceFilter(_Filter):
         return CNNClassifier(n_classes=n_classes, steps=self.steps, balanced=True, augment=True, device=self.device,
                              random_state=self.random_state)
 
+    def held_out_folds(self, y: np.ndarray) -> list[np.ndarray]:  # the masks of folds that leave a training set
+        folds = stratified_folds(np.asarray(y), self.folds, 0 if self.random_state is None else int(self.random_state))
+        return [held for held in (folds == fold for fold in range(self.folds)) if held.any() and not held.all()]
+
     def out_of_fold_proba(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
         """p(true class) of each real image from a classifier trained on the other folds (NaN for a class
         with fewer than two images: no fold model saw it)."""
-        folds = stratified_folds(y, self.folds, 0 if self.random_state is None else int(self.random_state))
         proba = np.full(len(y), np.nan)
         counts = np.bincount(y, minlength=n_classes)
-        for fold in range(self.folds):
-            held = folds == fold
-            if not held.any() or held.all():
-                continue
+        for held in self.held_out_folds(y):
             model = clone(self._base(n_classes)).fit(X[~held], y[~held])
             proba[held] = model.predict_proba(X[held])[np.arange(held.sum()), y[held]]
         proba[counts[y] < 2] = np.nan

@@ -55,40 +55,45 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _decode(path: Path) -> tuple[Image.Image, bool, bool]:
-    """Fully decode one file to 'L' (grey) or 'RGB' (colour; RGB files with R == G == B count as grey).
+    """Fully decode one file to 'L' (grey), 'RGB' (colour; RGB files with R == G == B count as grey) or, when it has
+    an alpha channel or palette transparency, 'RGBA' for :func:`_flatten`.
 
-    Returns the image, whether the file had an alpha channel (or palette transparency), which is
-    painted onto a background (:func:`_flatten`), and whether it was 16-bit grey, which is scaled to 8 bits.
+    Returns the image, whether it has transparency, and whether it was 16-bit grey, which is scaled to 8 bits.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            had_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
-            if image.mode in _WIDE_GREY_MODES:
-                return _wide_grey_to_l(image), had_alpha, True
-            if image.mode in _GREY_MODES and not had_alpha:
+            if image.mode in _WIDE_GREY_MODES:  # no alpha in these modes
+                return _wide_grey_to_l(image), False, True
+            if image.mode in _ALPHA_MODES or "transparency" in image.info:
+                return image.convert("RGBA"), True, False
+            if image.mode in _GREY_MODES:
                 return image.convert("L"), False, False
-            rgb = _flatten(image) if had_alpha else image.convert("RGB")
+            return _grey_if_equal(image.convert("RGB")), False, False
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from None
+
+
+def _grey_if_equal(rgb: Image.Image) -> Image.Image:
     array = np.asarray(rgb)
     is_grey = np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2])
-    return (rgb.convert("L") if is_grey else rgb), had_alpha, False
+    return rgb.convert("L") if is_grey else rgb
 
 
-def _flatten(image: Image.Image) -> Image.Image:
-    """An image with transparency -> 'RGB', painted onto white behind dark content and black behind light content.
-
-    Dropping the alpha channel keeps whatever colour the transparent pixels hold: a glyph drawn only in
-    the alpha channel (one colour on a transparent sheet) became a plain square. Either background keeps
-    what is drawn visible; fully opaque pixels are unchanged.
-    """
-    rgba = image.convert("RGBA")
+def _background(rgba: Image.Image) -> int:
+    """White (255) behind dark drawn content, black (0) behind light: chosen once per folder, from its first image
+    with transparency, so that every image of the folder gets the same background."""
     pixels = np.asarray(rgba)
     drawn = pixels[..., 3] >= 128
-    light = drawn.any() and pixels[..., :3][drawn].mean() > 127.5
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255) if light else (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    return 0 if drawn.any() and pixels[..., :3][drawn].mean() > 127.5 else 255
+
+
+def _flatten(rgba: Image.Image, background: int) -> Image.Image:
+    """An 'RGBA' image painted onto a plain ``background`` grey level -> 'L' or 'RGB'. Dropping the alpha channel
+    kept whatever colour the transparent pixels hold: a glyph drawn only in the alpha channel (one colour on a
+    transparent sheet) became a plain square. Fully opaque pixels are unchanged."""
+    sheet = Image.new("RGBA", rgba.size, (background, background, background, 255))
+    return _grey_if_equal(Image.alpha_composite(sheet, rgba).convert("RGB"))
 
 
 def _wide_grey_to_l(image: Image.Image) -> Image.Image:
@@ -118,9 +123,12 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
     while ``image_size`` is null are DataErrors naming the file(s) or class.
     """
     class_names, files = _list_image_folder(root)
-    decoded, with_alpha, wide = [], [], []
+    decoded, with_alpha, wide, background = [], [], [], None
     for path, _ in track(files, description=f"decoding {root}", disable=not progress, transient=True):
         image, had_alpha, was_wide = _decode(path)
+        if had_alpha:
+            background = _background(image) if background is None else background
+            image = _flatten(image, background)
         with_alpha += [path] if had_alpha else []
         wide += [path] if was_wide else []
         # resize as we go so only the small copies are held in memory
@@ -135,7 +143,8 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
     mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
     grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
     notes = (_count_note("converted {n} grey image{s} (one channel, or three equal ones) to RGB", grey, root)
-             + _count_note("painted {n} image{s} with transparency onto white (black behind light content)", with_alpha, root)
+             + _count_note("painted {n} image{s} with transparency onto " + ("black" if background == 0 else "white")
+                           + " (the first one's content is " + ("light" if background == 0 else "dark") + ")", with_alpha, root)
              + _count_note("scaled {n} 16-bit grey image{s} to 8 bits", wide, root))
     arrays = [np.asarray(image.convert(mode)) for image in decoded]
     x = np.stack(arrays)

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import secrets
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,20 +20,32 @@ from typing import Any, Iterator
 import numpy as np
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading it means setting it: put it straight back
-    os.umask(mask)
-    return mask
+def _new_sibling(path: Path, suffix: str, make) -> Path:
+    """``make(name)`` for a fresh hidden name beside ``path``. The temp file and folder are made with mode 0666 / 0777
+    for the kernel to narrow by the umask (and a setgid folder to pass on its group), as for any new file; tempfile's
+    0600 / 0700 would survive the rename and leave a team's shared project unreadable to all but its writer. The
+    umask is never set: it is the whole process's, and other threads may be creating files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        name = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}.tmp"
+        try:
+            make(name)
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name beside {path}")
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
-    """An empty temp file beside ``path``, with the mode ``path`` has or a new file would get (mkstemp makes it
-    0600, which the rename would keep: a team's shared project unreadable to all but its writer)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(handle)
-    os.chmod(name, path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~_umask())
-    return Path(name)
+    return _new_sibling(path, suffix, lambda name: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)))
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename the written ``tmp`` onto ``path``. A plain file there keeps its own mode (set after writing: it may
+    be read-only); a link (a DVC cache file, read-only) is replaced by a file of a new file's mode."""
+    if path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1:
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -41,7 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     tmp = _tmp_sibling(path)
     try:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -88,7 +100,7 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     try:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -102,9 +114,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     ``path`` is left exactly as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would survive the rename
+    tmp = _new_sibling(path, "", lambda name: os.mkdir(name, 0o777))
     try:
         yield tmp
         old = None

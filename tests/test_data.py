@@ -103,7 +103,7 @@ def test_image_folder_rgba_and_palette_images_join_rgb_with_notes(tmp_path):
     images = load_source(str(tmp_path))
     assert images.image_shape == (6, 5, 3) and images.y.tolist() == [0, 0, 1, 1]
     assert images.notes == ("converted 2 grey images (one channel, or three equal ones) to RGB (e.g. cat/0.png)",
-                            "painted 1 image with transparency onto white (black behind light content) (e.g. dog/rgba.png)")
+                            "painted 1 image with transparency onto white (the first one's content is dark) (e.g. dog/rgba.png)")
     np.testing.assert_array_equal(images.x[1], np.asarray(Image.open(tmp_path / "cat" / "palette.png").convert("RGB")))
     assert images.x[3, 0, 0].tolist() == [127, 172, 127]  # dark green at half opacity over white
 
@@ -119,6 +119,16 @@ def test_a_picture_drawn_only_in_the_alpha_channel_stays_visible(tmp_path, ink):
     images = load_source(str(tmp_path))
     stroke, sheet = images.x[0, 3, 3, 0], images.x[0, 0, 0, 0]
     assert images.image_shape == (8, 8, 1) and stroke == ink and sheet == 255 - ink  # the stroke on a contrasting sheet
+
+
+def test_one_background_for_every_transparent_image_of_a_folder(tmp_path):
+    """Chosen once, from the first such image: a per-image choice flipped between near-identical images (ink 126 and 129)."""
+    for name, ink in (("a", 126), ("b", 129)):
+        glyph = np.zeros((8, 8, 4), np.uint8)
+        glyph[..., :3], glyph[2:6, 3:5, 3] = ink, 255
+        write_png(tmp_path / name / "glyph.png", glyph)
+    images = load_source(str(tmp_path))
+    assert images.x[0, 0, 0, 0] == images.x[1, 0, 0, 0] == 255  # class a's content (126) is dark: white for both
 
 
 def test_grey_only_folder_stays_one_channel_without_notes(tmp_path):

@@ -131,18 +131,28 @@ def test_outputs_get_the_permissions_of_the_umask_not_mkstemp_s_owner_only(tmp_p
 
     from synthgen.io import atomic_dir, atomic_write_text
 
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # a team folder whose group new folders inherit
     previous = os.umask(0o022)
     try:
-        with atomic_dir(tmp_path / "out") as work:
+        with atomic_dir(shared / "out") as work:
             atomic_write_text(work / "a.txt", "a")
-        kept = tmp_path / "kept.txt"
-        kept.write_text("old")
-        kept.chmod(0o640)
-        atomic_write_text(kept, "new")  # a file that exists keeps its own mode
+        kept, read_only, cache = tmp_path / "kept.txt", tmp_path / "read-only.txt", tmp_path / "cache.txt"
+        for path, mode in ((kept, 0o640), (read_only, 0o444), (cache, 0o444)):
+            path.write_text("old")
+            path.chmod(mode)
+        linked = tmp_path / "linked.txt"  # what a DVC checkout with cache.type symlink leaves
+        linked.symlink_to(cache)
+        for path in (kept, read_only, linked):
+            atomic_write_text(path, "new")
     finally:
         os.umask(previous)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755 and (tmp_path / "out" / "a.txt").stat().st_mode & 0o777 == 0o644
-    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
+    out = shared / "out"
+    assert out.stat().st_mode & 0o7777 == 0o2755 and (out / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert kept.stat().st_mode & 0o777 == 0o640 and read_only.stat().st_mode & 0o777 == 0o444  # a plain file keeps its mode
+    assert not linked.is_symlink() and linked.stat().st_mode & 0o777 == 0o644 and cache.read_text() == "old"
+    assert [p.read_text() for p in (kept, read_only, linked)] == ["new"] * 3
 
 
 def test_png_tree_from_worker_processes_is_the_tree_one_process_writes(tmp_path):
