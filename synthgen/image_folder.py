@@ -142,9 +142,10 @@ def load_image_folder(root: Path, image_size: int | None = None, progress: bool 
                 )
     mode = "RGB" if any(image.mode == "RGB" for image in decoded) else "L"
     grey = [path for (path, _), image in zip(files, decoded) if image.mode == "L"] if mode == "RGB" else []
+    sheet, content = ("black", "light") if background == 0 else ("white", "dark")
     notes = (_count_note("converted {n} grey image{s} (one channel, or three equal ones) to RGB", grey, root)
-             + _count_note("painted {n} image{s} with transparency onto " + ("black" if background == 0 else "white")
-                           + " (the first one's content is " + ("light" if background == 0 else "dark") + ")", with_alpha, root)
+             + _count_note(f"painted {{n}} image{{s}} with transparency onto {sheet} (the first one's content is {content})",
+                           with_alpha, root)
              + _count_note("scaled {n} 16-bit grey image{s} to 8 bits", wide, root))
     arrays = [np.asarray(image.convert(mode)) for image in decoded]
     x = np.stack(arrays)
