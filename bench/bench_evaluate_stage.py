@@ -8,23 +8,27 @@ Each way runs :func:`synthgen.evaluate.run_arms` with the params' evaluate secti
 the budget search; the out-of-fold recipe selection too when ``evaluate.test_every_recipe`` is
 false), on the same seeds:
 
-* ``one at a time``: every model trains alone (``evaluate.batched: false``), one after another with
-  every intra-op thread: the reference path;
+* ``one at a time``: every arm's model trains alone (``evaluate.batched: false``), one after another
+  with every intra-op thread: the reference path;
 * ``per arm``: each call's seeds as one grouped network, arms one after another (the code before
   arms were batched together);
 * ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it on small images
   (``evaluate.batched: true``): every baseline arm's seeds in one grouped network, every synthetic
-  arm's in one (the budget search, and the recipe selection when there is one, train one at a time
-  in every way);
+  arm's in one;
 * ``default``: what the stage does with the params' ``evaluate.batched`` and ``evaluate.cpu_bf16``
   (``auto``: every arm batched up to 16x16 pixels, one at a time above; bf16 on CPUs with native
-  bf16). The budget search stays fp32 one at a time. The first three ways are fp32.
+  bf16). The first three ways are fp32.
 * ``default-unshared``: the same, but every baseline arm trains even where balanced data make two
   recipes the same network (oversampling and the logit adjustment change nothing there: the stage
   trains those once, ``synthgen.recipes.same_network``); the code before that.
-* ``default-sequential``: the default, but the networks of one call train one after another with every
-  intra-op thread instead of side by side with one each (``fit_tasks(concurrent=False)``); the code before
-  that. The numbers differ by float rounding (thread counts round differently).
+* ``default-sequential``: the default, but the arms' networks of one call train one after another with
+  every intra-op thread instead of side by side with one each, and a large group is not split in halves
+  (``fit_tasks(concurrent=False)``); the code before that. The numbers differ by float rounding (thread
+  counts round differently).
+
+In every way the budget search (and the recipe selection, when there is one) trains as the stage runs
+it: one model at a time in fp32, side by side with one intra-op thread each, so every way chooses the
+same budget from the same curve.
 
 A way named twice runs twice (interleave them: this machine's load drifts).
 
@@ -48,14 +52,18 @@ from synthgen import evaluate
 from synthgen.models.members import fit_members, fit_tasks
 
 
-def sequential(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, **options) -> list:
-    """``fit_tasks`` with the networks of a call one after another, every intra-op thread each."""
-    return fit_tasks(tasks, batched, cpu_bf16, concurrent=False)
+def sequential(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, concurrent: bool = False) -> list:
+    """``fit_tasks`` with the arms' networks of a call one after another, every intra-op thread each; the budget
+    search (which asks for ``concurrent``) as the stage runs it, so every way chooses the same budget."""
+    return fit_tasks(tasks, batched, cpu_bf16, concurrent=concurrent)
 from workdir import open_work  # bench/workdir.py: python puts the script's folder on sys.path
 
 
-def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, **options) -> list:
-    """Each task as its own grouped network, one after another (seeds batched, arms not)."""
+def per_arm(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | str = False, concurrent: bool = True) -> list:
+    """Each task as its own grouped network, one after another (seeds batched, arms not); the budget search
+    (which asks for one at a time) as the stage runs it, so every way chooses the same budget."""
+    if batched is False:
+        return fit_tasks(tasks, False, cpu_bf16, concurrent)
     return [fit_members(**task, batched=batched, cpu_bf16=cpu_bf16) for task in tasks]
 
 

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from synthgen.device import autocast
 from synthgen.metrics import flat_pixels, nearest_distance, stratified_folds
-from synthgen.models.classifier import CNNClassifier
+from synthgen.models.classifier import CNNClassifier, fit_together
 from synthgen.tensors import to_tensor
 
 FILTERS = ("discriminator", "classifier", "claimed", "novelty")
@@ -169,11 +169,9 @@ class RealnessFilter(_Filter):
         folds = stratified_folds(labels, n_folds, seed)
         base = CNNClassifier(n_classes=2 * k, width=self.width, steps=self.steps, balanced=True, augment=True, device=self.device,
                              random_state=seed)
-        self.members_, out_of_fold = [], np.full(len(labels), np.nan)
-        for fold in range(n_folds):
-            held = folds == fold
-            model = clone(base).fit(images[~held], labels[~held])
-            self.members_.append(model)
+        held_out, out_of_fold = [folds == fold for fold in range(n_folds)], np.full(len(labels), np.nan)
+        self.members_ = fit_together([(clone(base), images[~held], labels[~held]) for held in held_out])  # one call: grouped or side by side
+        for model, held in zip(self.members_, held_out):
             out_of_fold[held] = self._log_ratio(model, images[held], labels[held] % k)
         real_scores, real_y = out_of_fold[is_real], y
         if X_val is not None and len(X_val):
@@ -231,32 +229,33 @@ class ConfidenceFilter(_Filter):
         folds = stratified_folds(np.asarray(y), self.folds, 0 if self.random_state is None else int(self.random_state))
         return [held for held in (folds == fold for fold in range(self.folds)) if held.any() and not held.all()]
 
-    def out_of_fold_proba(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-        """p(true class) of each real image from a classifier trained on the other folds (NaN for a class
-        with fewer than two images: no fold model saw it)."""
+    def out_of_fold_proba(self, fold_models: list, X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+        """p(true class) of each real image from the classifier trained on the other folds (``fold_models``, one per
+        :meth:`held_out_folds` mask); NaN for a class with fewer than two images: no fold model saw it."""
         proba = np.full(len(y), np.nan)
-        counts = np.bincount(y, minlength=n_classes)
-        for held in self.held_out_folds(y):
-            model = clone(self._base(n_classes)).fit(X[~held], y[~held])
+        for model, held in zip(fold_models, self.held_out_folds(y)):
             proba[held] = model.predict_proba(X[held])[np.arange(held.sum()), y[held]]
-        proba[counts[y] < 2] = np.nan
+        proba[np.bincount(y, minlength=n_classes)[y] < 2] = np.nan
         return proba
 
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> "ConfidenceFilter":
         X, y = np.asarray(X), np.asarray(y).astype(np.int64)
-        n_classes = self.n_classes or int(np.max(y)) + 1
-        self.classifier_, self._last_proba = clone(self._base(n_classes)).fit(X, y), None
+        n_classes, has_val = self.n_classes or int(np.max(y)) + 1, X_val is not None and len(X_val) > 0
+        cross_fit = self.calibration == "per_class" and not has_val and self.folds >= 2
+        folds = self.held_out_folds(y) if cross_fit else []  # the scorer and the fold models in one call: grouped or side by side
+        fitted = fit_together([(clone(self._base(n_classes)), X, y)] + [(clone(self._base(n_classes)), X[~h], y[~h]) for h in folds])
+        self.classifier_, self._last_proba = fitted[0], None
         self.n_fit_samples_ = len(X)  # what the scoring classifier saw: the real training images, nothing else
         self.thresholds_ = np.full(n_classes, float(self.threshold))
         self.calibrated_on_ = "none (the global threshold)"
         if self.calibration != "per_class":
             return self
-        if X_val is not None and len(X_val):
+        if has_val:
             y_val = np.asarray(y_val)
             held_out, held_y = self.score(X_val, y_val), y_val
             self.calibrated_on_ = "held-out images"
         elif self.folds >= 2:
-            held_out, held_y = self.out_of_fold_proba(X, y, n_classes), y
+            held_out, held_y = self.out_of_fold_proba(fitted[1:], X, y, n_classes), y
             self.calibrated_on_ = f"out-of-fold probabilities ({self.folds} folds)"
         else:
             return self

@@ -19,7 +19,7 @@ from scipy import linalg
 
 from synthgen.config import EvaluateConfig
 from synthgen.data import LabeledImages, PreparedData
-from synthgen.models.classifier import CNNClassifier
+from synthgen.models.classifier import CNNClassifier, fit_together
 from synthgen.filters import NoveltyFilter
 from synthgen.metrics import pairwise_distances, score
 
@@ -69,20 +69,26 @@ def near_copy_mask(candidates: LabeledImages, prepared: PreparedData, threshold:
 
 
 # --------------------------------------------------------------------- metrics
-def feature_classifier(prepared: PreparedData, config: EvaluateConfig, steps: int) -> CNNClassifier:
-    """CNNClassifier on real train + val (never test): the feature space for FD and precision/recall."""
+def feature_classifier(prepared: PreparedData, config: EvaluateConfig, steps: int) -> tuple[CNNClassifier, np.ndarray, np.ndarray]:
+    """(unfitted CNNClassifier, X, y): its images are real train + val (never test); fitted, its features are the
+    space of FD and precision/recall."""
     x = np.concatenate([prepared.train.x, prepared.val.x])
     y = np.concatenate([prepared.train.y, prepared.val.y])
     model = CNNClassifier(n_classes=prepared.n_classes, width=config.width, steps=steps, batch_size=config.batch_size,
                           lr=config.lr, augment=True, allow_flips=config.allow_flips, device=config.device, random_state=config.seed)
-    return model.fit(x, y)
+    return model, x, y
 
 
-def classification_accuracy_score(synthetic: LabeledImages, test: LabeledImages, config: EvaluateConfig, steps: int) -> dict:
-    """CAS: train on synthetic only, score on real test (accuracy, balanced accuracy, macro-F1)."""
+def cas_classifier(synthetic: LabeledImages, config: EvaluateConfig, steps: int) -> tuple[CNNClassifier, np.ndarray, np.ndarray]:
+    """(unfitted CNNClassifier, X, y) of CAS: the fixed classifier on the synthetic images only."""
     model = CNNClassifier(n_classes=synthetic.n_classes, width=config.width, steps=steps, batch_size=config.batch_size,
-                          lr=config.lr, device=config.device, random_state=config.seed).fit(synthetic.x, synthetic.y)
-    result = score(test.y, model.predict(test.x), synthetic.n_classes)
+                          lr=config.lr, device=config.device, random_state=config.seed)
+    return model, synthetic.x, synthetic.y
+
+
+def classification_accuracy_score(model: CNNClassifier, test: LabeledImages) -> dict:
+    """CAS: the classifier trained on synthetic images only (:func:`cas_classifier`), scored on real test."""
+    result = score(test.y, model.predict(test.x), len(model.classes_))
     return {key: result[key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
 
 
@@ -100,7 +106,8 @@ def feature_metrics(real: np.ndarray, real_y: np.ndarray, fake: np.ndarray, fake
 def generator_quality(prepared: PreparedData, synthetic: LabeledImages, config: EvaluateConfig, novelty_threshold: float,
                       steps: int) -> dict:
     """All generator-quality numbers for the accepted set (JSON-ready dict)."""
-    extractor = feature_classifier(prepared, config, steps)
+    # both classifiers in one call: grouped on small images, side by side on larger ones
+    extractor, cas_model = fit_together([feature_classifier(prepared, config, steps), cas_classifier(synthetic, config, steps)])
     real_features, fake_features = extractor.transform(prepared.test.x), extractor.transform(synthetic.x)
     features = feature_metrics(real_features, prepared.test.y, fake_features, synthetic.y, prepared.n_classes, config.quality_k)
     copies = near_copy_mask(synthetic, prepared, novelty_threshold)
@@ -108,7 +115,7 @@ def generator_quality(prepared: PreparedData, synthetic: LabeledImages, config: 
         in_class = synthetic.y == row["class"]
         row["near_copy_fraction"] = float(copies[in_class].mean()) if in_class.any() else float("nan")
     return {
-        "cas": classification_accuracy_score(synthetic, prepared.test, config, steps),
+        "cas": classification_accuracy_score(cas_model, prepared.test),
         "frechet": features["frechet"],
         "precision": features["precision"],
         "recall": features["recall"],

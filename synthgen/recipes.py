@@ -97,17 +97,18 @@ def out_of_fold_scores(images: LabeledImages, recipes: list[Recipe], config: Eva
     classes the fold's model trained on (a class with fewer images than folds is missing from some
     training folds; its held-out images would score zero for every recipe and only add noise).
 
-    The models train one at a time whatever ``evaluate.batched`` says, one after another with every
-    intra-op thread: a grouped network's float rounding (or, on larger images, one thread's instead of
-    two), amplified over hundreds of steps, can flip which of two close recipes wins (measured on the
-    digits demo), so batching would change the selected recipe and with it the verdict. This way the
-    budget and the recipe are exactly the reference path's."""
+    The models train one at a time whatever ``evaluate.batched`` says, in fp32, side by side on the CPU
+    with one intra-op thread each (:func:`~synthgen.models.members.concurrently`: 1.3x over one after
+    another on the digits demo, docs/RESULTS.md). Never grouped: the arms' batching (and bf16) round
+    differently, and amplified over hundreds of steps that can flip which of two close recipes wins
+    (measured on the digits demo), so it would change the selected recipe. This way the budget and the
+    recipe are the same whichever way the arms train, and the same on any number of cores."""
     folds = stratified_folds(images.y, config.selection_folds, config.seed)
     held_out = [folds == fold for fold in range(config.selection_folds)]
     held_out = [held for held in held_out if held.any() and not held.all()]
     tasks = [dict(X=images.x[~held], y=images.y[~held], seeds=[config.seed], **classifier_params(recipe, config, images.n_classes, steps))
              for recipe in recipes for held in held_out]
-    fitted = iter(fit(tasks, False, concurrent=False))
+    fitted = iter(fit(tasks, False, concurrent=True))
     scores = {}
     for recipe in recipes:
         per_fold = []

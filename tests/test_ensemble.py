@@ -108,6 +108,28 @@ def test_networks_trained_side_by_side_are_bit_for_bit_what_one_thread_trains_on
     assert stream.getvalue().splitlines()[-1].startswith(f"side by side: 100% of {3 * RECIPE['steps']} network-steps")
 
 
+def test_fit_together_gives_each_estimator_what_it_gets_alone_in_order(images):
+    """fit_together (the filters' cross-fitted classifiers, the quality stage's two): CNNClassifiers of other
+    settings and images in one fit_tasks call, each fitted in place as by its own fit; another estimator fits alone."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = images
+    estimators = [CNNClassifier(random_state=0, **RECIPE), CNNClassifier(random_state=1, **dict(TINY, width=4)),
+                  CNNClassifier(random_state=0, **RECIPE)]
+    sets = [(X, y), (X[:30], y[:30]), (X[10:], y[10:])]
+    with intra_op_threads(1):
+        alone = [clone(estimator).fit(*data) for estimator, data in zip(estimators, sets)]
+        logistic = LogisticRegression(max_iter=200)
+        fitted = classifier.fit_together([(estimator, *data) for estimator, data in zip(estimators, sets)]
+                                         + [(logistic, X.reshape(40, -1), y)])
+    assert fitted[:3] == estimators and fitted[3] is logistic and hasattr(logistic, "coef_")
+    for together, single in zip(fitted, alone):
+        assert together.image_shape_ == single.image_shape_ and np.array_equal(together.classes_, single.classes_)
+        np.testing.assert_allclose(together.predict_proba(X), single.predict_proba(X), atol=ROUNDING, rtol=0)
+    # the same settings on other images train differently: the check above would be vacuous otherwise
+    assert np.abs(fitted[0].predict_proba(X) - fitted[2].predict_proba(X)).max() > 1e-2
+
+
 def test_member_init_is_the_lone_classifier_init(images):
     X, y = images
     config = classifier.SmallCNNConfig(1, 3, 8)
@@ -265,3 +287,25 @@ def test_cpu_bf16_trains_in_bf16_and_lands_near_fp32(images, batched):
     assert np.abs(proba - reference).max() > ROUNDING  # it did change precision
     np.testing.assert_allclose(proba, reference, atol=0.05, rtol=0)
     assert (half.predict(X) == batched.predict(X)).mean() >= 0.9
+
+
+def test_a_large_group_splits_across_the_cpu_threads_and_trains_as_it_would_whole(images):
+    """spread: with two threads a group of 16+ members trains as two halves side by side; each member is what the
+    whole group gives it, up to float rounding; small groups, one thread and concurrent=False keep groups whole."""
+    from synthgen.models.members import SPLIT_MIN_MEMBERS, spread
+
+    cpu = torch.device("cpu")
+    with intra_op_threads(2):
+        assert spread([list(range(30))], cpu) == [list(range(15)), list(range(15, 30))]
+        assert spread([list(range(2 * SPLIT_MIN_MEMBERS - 1))], cpu) == [list(range(2 * SPLIT_MIN_MEMBERS - 1))]
+        assert spread([list(range(30)), [30]], cpu) == [list(range(30)), [30]]  # already a job per thread
+        assert spread([list(range(30))], cpu, allowed=False) == [list(range(30))]
+    with intra_op_threads(1):
+        assert spread([list(range(30))], cpu) == [list(range(30))]
+    X, y = images
+    task = dict(X=X, y=y, seeds=list(range(2 * SPLIT_MIN_MEMBERS)), **RECIPE)
+    with intra_op_threads(2):
+        halves = classifier.fit_tasks([task], batched=True)[0]
+    whole = classifier.fit_tasks([task], batched=True, concurrent=False)[0]
+    assert halves.seeds == whole.seeds == task["seeds"]
+    np.testing.assert_allclose(halves.predict_proba(X), whole.predict_proba(X), atol=ROUNDING, rtol=0)

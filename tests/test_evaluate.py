@@ -155,7 +155,7 @@ def test_recipe_selection_picks_the_best_out_of_fold_recipe():
 
 def test_selection_trains_one_model_at_a_time_in_fp32_even_when_the_arms_are_batched_in_bf16(prepared):
     """Grouped and plain convolutions round differently; the selection's single-seed models must not
-    let that change the chosen recipe, so they never train grouped. The arms do, when asked."""
+    let that change the chosen recipe, so they never train grouped (side by side, one thread each). The arms do, when asked."""
     modes = []
 
     def spy(tasks, batched="auto", cpu_bf16=False, concurrent=True):
@@ -164,11 +164,11 @@ def test_selection_trains_one_model_at_a_time_in_fp32_even_when_the_arms_are_bat
 
     config = FAST.model_copy(update={"batched": True, "cpu_bf16": True, "recipes": ["real", "real+classic"]})
     best, scores = recipes.select_recipe(prepared.train, config, 4, fit=spy)
-    assert modes == [(2 * config.selection_folds, False, False, False)] and set(scores) == {"real", "real+classic"}
+    assert modes == [(2 * config.selection_folds, False, False, True)] and set(scores) == {"real", "real+classic"}
     modes.clear()
     results = evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"test_every_recipe": False}), fit=spy)
     # the selection one at a time in fp32, then the baseline arms (real and the selected one) in one batched call, in bf16 as asked
-    assert modes[:2] == [(2 * config.selection_folds, False, False, False), (len({"real", results["selection"]["best_recipe"]}), True, True, True)]
+    assert modes[:2] == [(2 * config.selection_folds, False, False, True), (len({"real", results["selection"]["best_recipe"]}), True, True, True)]
     assert results["precision"] == "bf16"  # what details.json reports
     assert evaluate.run_arms(prepared.train, prepared.test, None, None, config.model_copy(update={"cpu_bf16": False}))["precision"] == "fp32"
 

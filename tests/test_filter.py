@@ -297,13 +297,13 @@ def test_topups_fill_short_classes_from_the_measured_rate(tiny_prepared, models_
 
 def test_filter_classifier_never_sees_synthetic_data(tiny_prepared, models_root, pool_dir, tmp_path, monkeypatch):
     seen = []
-    original_fit = classifier.CNNClassifier.fit
+    original_task = classifier.CNNClassifier._task  # what every CNNClassifier trains on, fitted alone or together
 
-    def recording_fit(self, X, y, sample_weight=None):
+    def recording_task(self, X, y, *args):
         seen.append((np.array(X), np.array(y)))
-        return original_fit(self, X, y, sample_weight)
+        return original_task(self, X, y, *args)
 
-    monkeypatch.setattr(classifier.CNNClassifier, "fit", recording_fit)
+    monkeypatch.setattr(classifier.CNNClassifier, "_task", recording_task)
     # the posthoc discriminator learns from generated images by design; this is about the confidence classifier
     run_filter(tiny_prepared, models_root, pool_dir, tmp_path / "synthetic",
                **{"filter.novelty_threshold": 1e6, "generate.max_rounds": 1, "filter.discriminator_source": "model"})

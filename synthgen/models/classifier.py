@@ -9,7 +9,7 @@ recipes and training sets at once, is :mod:`synthgen.models.members`. Both are r
 
 :class:`CNNClassifier` follows scikit-learn's estimator rules (``__init__`` only stores, ``fit``
 returns ``self``, fitted attributes end in ``_``, all randomness from ``random_state``) and fits
-through ``fit_members(seeds=[random_state])``.
+through :func:`fit_tasks` with one seed, ``random_state``; :func:`fit_together` fits several in one call.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from synthgen.models.small_cnn import SmallCNN, SmallCNNConfig, classic_augment,
 from synthgen.tensors import to_tensor
 
 __all__ = ["CNNClassifier", "Members", "SmallCNN", "SmallCNNConfig", "classic_augment", "fit_members", "fit_tasks",
-           "fuse_for_inference", "seeded_cnn"]
+           "fit_together", "fuse_for_inference", "seeded_cnn"]
 
 
 # ------------------------------------------------------------------------ estimator
 class CNNClassifier(ClassifierMixin, BaseEstimator):
-    """Small CNN trained for a fixed number of steps: :func:`fit_members` with one seed, ``random_state``.
+    """Small CNN trained for a fixed number of steps: one seed, ``random_state``, of :func:`fit_members`.
 
     ``balanced=True`` samples batches class-balanced (each class equally likely), the
     oversampling baseline. ``augment=True`` applies :func:`classic_augment` to every batch.
@@ -77,12 +77,18 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
         """Train for ``steps`` batches. ``soft_targets`` (N, K) probabilities replace the one-hot
         targets in the loss (e.g. a real-data teacher's soft labels for synthetic samples);
         ``y`` still drives class-balanced sampling."""
-        seed = 0 if self.random_state is None else int(self.random_state)
-        members = fit_members(
-            X, y, [seed], n_classes=self.n_classes, width=self.width, steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-            weight_decay=self.weight_decay, balanced=self.balanced, augment=self.augment, allow_flips=self.allow_flips,
-            label_smoothing=self.label_smoothing, loss=self.loss, logit_adjust_tau=self.logit_adjust_tau,
-            mixup_alpha=self.mixup_alpha, sample_weight=sample_weight, soft_targets=soft_targets, device=self.device)
+        return self._adopt(fit_tasks([self._task(X, y, sample_weight, soft_targets)], "auto")[0])
+
+    def _task(self, X, y, sample_weight=None, soft_targets=None) -> dict:
+        """This estimator's :func:`fit_tasks` task: one seed, ``random_state``."""
+        return dict(X=X, y=y, seeds=[0 if self.random_state is None else int(self.random_state)], n_classes=self.n_classes,
+                    width=self.width, steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                    balanced=self.balanced, augment=self.augment, allow_flips=self.allow_flips, label_smoothing=self.label_smoothing,
+                    loss=self.loss, logit_adjust_tau=self.logit_adjust_tau, mixup_alpha=self.mixup_alpha,
+                    sample_weight=sample_weight, soft_targets=soft_targets, device=self.device)
+
+    def _adopt(self, members: Members) -> "CNNClassifier":
+        """Take the one trained member as this estimator's fitted state."""
         self.classes_ = np.arange(members.n_classes)
         self.image_shape_ = members.image_shape
         self.model_ = members.member(0)
@@ -125,3 +131,20 @@ class CNNClassifier(ClassifierMixin, BaseEstimator):
     def transform(self, X: np.ndarray) -> np.ndarray:
         """(N, feature_dim) penultimate-layer features (for novelty, diversity, Frechet distance)."""
         return self._map(X, self._inference_model().features)
+
+
+def fit_together(fits: list[tuple]) -> list:
+    """Fit each ``(estimator, X, y)`` on its own images; returns the estimators, fitted in place.
+
+    The :class:`CNNClassifier` among them train in one :func:`fit_tasks` call: as one grouped network
+    on small images, side by side on the CPU's threads on larger ones, each as it would train alone up
+    to float rounding. The filters' cross-fitted classifiers and the quality stage's two take about
+    two thirds of the time they took one after another (docs/RESULTS.md). Any other estimator fits alone.
+    """
+    cnns = [i for i, (estimator, _, _) in enumerate(fits) if type(estimator) is CNNClassifier]  # a subclass may fit otherwise
+    for i, members in zip(cnns, fit_tasks([fits[i][0]._task(X, y) for i, (_, X, y) in enumerate(fits) if i in cnns], "auto")):
+        fits[i][0]._adopt(members)
+    for i, (estimator, X, y) in enumerate(fits):
+        if i not in cnns:
+            estimator.fit(X, y)
+    return [estimator for estimator, _, _ in fits]

@@ -164,7 +164,25 @@ def train_group(members: list[Member], cpu_bf16: bool = False) -> tuple[ensemble
 
 
 AUTO_BATCH_MAX_PIXELS = 16 * 16  # batched="auto" on the CPU: only small images gain from one grouped model
+SPLIT_MIN_MEMBERS = 8  # a grouped network splits across the CPU's threads only into parts of at least this many
 _GLOBAL_RNG = threading.Lock()
+
+
+def spread(jobs: list[list[int]], device: torch.device, allowed: bool = True) -> list[list[int]]:
+    """``jobs`` (each a grouped network's member indices) with the largest halved while there are fewer jobs than
+    the CPU's intra-op threads and each half keeps :data:`SPLIT_MIN_MEMBERS`: halves train side by side, one thread
+    each (:func:`concurrently`). Digits 8x8, 2 cores, 300 steps: 30 members 1.16x (15 + 15 side by side against
+    one group on two threads, 5 interleaved pairs), 16 members 1.1x, 10 members 1.04x, 4 none (docs/RESULTS.md)."""
+    jobs = [list(job) for job in jobs]
+    if not allowed or device.type != "cpu":
+        return jobs
+    while len(jobs) < torch.get_num_threads():
+        largest = max(range(len(jobs)), key=lambda j: len(jobs[j]))
+        if len(jobs[largest]) < 2 * SPLIT_MIN_MEMBERS:
+            break
+        half = (len(jobs[largest]) + 1) // 2
+        jobs[largest:largest + 1] = [jobs[largest][:half], jobs[largest][half:]]
+    return jobs
 
 
 def concurrently(fn, jobs: list, device: torch.device, allowed: bool = True) -> list:
@@ -174,8 +192,8 @@ def concurrently(fn, jobs: list, device: torch.device, allowed: bool = True) -> 
     A small CNN's ops use a second thread poorly: two 32x32 models of 300 steps took 25-26 s one after the other
     with two threads each, 17 s side by side with one; the evaluate stage on MNIST 20 per class (28x28, every
     arm one model at a time) 1.13-1.20x, the same verdict (bench/bench_evaluate_stage.py, docs/RESULTS.md). A
-    new thread's first steps cost about a second, so short fits gain nothing (the filters' 300-step
-    classifiers: not used there). Each job runs in a copy of this context, so an enclosing
+    new thread's first steps can cost about a second (measured on an AVX2 machine, where the filters' four
+    300-step classifiers gained nothing; 1.4-1.6x on an AVX512 one). Each job runs in a copy of this context, so an enclosing
     :func:`synthgen.progress.milestones` block counts its steps.
     """
     threads = torch.get_num_threads()
@@ -224,8 +242,9 @@ def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | 
     the whole stage 1.17x on 28x28 MNIST (bench/bench_evaluate_stage.py, docs/RESULTS.md). It rounds
     more than fp32, so the budget and recipe selection keep fp32.
 
-    ``concurrent``: the networks (groups, or single members) train side by side on the CPU, one intra-op
-    thread each (:func:`concurrently`); false: one after another with every thread (the code before).
+    ``concurrent``: the networks (groups, single members, or the halves of a group of at least 16 members,
+    :func:`spread`) train side by side on the CPU, one intra-op thread each (:func:`concurrently`); false: one
+    after another with every thread, no group split (the code before).
     """
     per_task = [task_members(**task) for task in tasks]
     members = [member for group in per_task for member in group]
@@ -238,7 +257,7 @@ def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | 
     for index, member in enumerate(members):
         groups.setdefault(member.group_key() if batched else (index,), []).append(index)
     states, losses = [None] * len(members), [0.0] * len(members)
-    bf16, jobs = cpu_bf16_enabled(members[0].data.device, cpu_bf16), list(groups.values())
+    bf16, jobs = cpu_bf16_enabled(members[0].data.device, cpu_bf16), spread(list(groups.values()), members[0].data.device, concurrent)
     trained = concurrently(lambda indices: train_group([members[i] for i in indices], bf16), jobs, members[0].data.device, concurrent)
     for indices, (model, final) in zip(jobs, trained):
         for position, index in enumerate(indices):
