@@ -11,10 +11,11 @@ false), on the same seeds:
 * ``one at a time``: every arm's model trains alone (``evaluate.batched: false``), one after another
   with every intra-op thread: the reference path;
 * ``per arm``: each call's seeds as one grouped network, arms one after another (the code before
-  arms were batched together);
+  arms were batched together); like the next two, a group of 16+ members trains as two halves side
+  by side on a 2-thread CPU (``members.spread``);
 * ``every arm``: :func:`~synthgen.models.members.fit_tasks` as the stage calls it on small images
-  (``evaluate.batched: true``): every baseline arm's seeds in one grouped network, every synthetic
-  arm's in one;
+  (``evaluate.batched: true``): every baseline arm's seeds in one grouped network (halved as above),
+  every synthetic arm's in one;
 * ``default``: what the stage does with the params' ``evaluate.batched`` and ``evaluate.cpu_bf16``
   (``auto``: every arm batched up to 16x16 pixels, one at a time above; bf16 on CPUs with native
   bf16). The first three ways are fp32.

@@ -5,9 +5,9 @@
 
 WORK holds ``prepared/`` (a project's ``data/``). For each ``evaluate.seed`` it runs
 :func:`synthgen.recipes.choose_budget` and :func:`synthgen.recipes.select_recipe` with the params'
-evaluate section, their models trained one of three ways: one at a time in fp32 (what the stage
-does when ``evaluate.test_every_recipe`` is false), as one grouped network in fp32, or grouped in
-bf16. The three compute the same thing up to float rounding. Prints the budget, the selected recipe
+evaluate section, their models trained one of three ways: one at a time in fp32, one after another
+(the stage trains them side by side, one intra-op thread each, which rounds like one thread), as one
+grouped network in fp32, or grouped in bf16. The three compute the same thing up to float rounding. Prints the budget, the selected recipe
 and every recipe's out-of-fold balanced accuracy. A selection that changes with the seed or the
 rounding is noise; this is why the stage skips it when every recipe is scored on test
 (docs/RESULTS.md, tenth session).

@@ -233,7 +233,7 @@ class ConfidenceFilter(_Filter):
         """p(true class) of each real image from the classifier trained on the other folds (``fold_models``, one per
         :meth:`held_out_folds` mask); NaN for a class with fewer than two images: no fold model saw it."""
         proba = np.full(len(y), np.nan)
-        for model, held in zip(fold_models, self.held_out_folds(y)):
+        for model, held in zip(fold_models, self.held_out_folds(y), strict=True):
             proba[held] = model.predict_proba(X[held])[np.arange(held.sum()), y[held]]
         proba[np.bincount(y, minlength=n_classes)[y] < 2] = np.nan
         return proba

@@ -102,7 +102,7 @@ def out_of_fold_scores(images: LabeledImages, recipes: list[Recipe], config: Eva
     another on the digits demo, docs/RESULTS.md). Never grouped: the arms' batching (and bf16) round
     differently, and amplified over hundreds of steps that can flip which of two close recipes wins
     (measured on the digits demo), so it would change the selected recipe. This way the budget and the
-    recipe are the same whichever way the arms train, and the same on any number of cores."""
+    recipe are the same whichever way the arms train, and on a CPU of 2+ threads the same whatever the count."""
     folds = stratified_folds(images.y, config.selection_folds, config.seed)
     held_out = [folds == fold for fold in range(config.selection_folds)]
     held_out = [held for held in held_out if held.any() and not held.all()]

@@ -114,18 +114,19 @@ def test_fit_together_gives_each_estimator_what_it_gets_alone_in_order(images):
     from sklearn.linear_model import LogisticRegression
 
     X, y = images
+    large = np.repeat(np.repeat(X, 3, axis=1), 3, axis=2)[:, :20, :20]  # another shape: trained in a call of its own
     estimators = [CNNClassifier(random_state=0, **RECIPE), CNNClassifier(random_state=1, **dict(TINY, width=4)),
-                  CNNClassifier(random_state=0, **RECIPE)]
-    sets = [(X, y), (X[:30], y[:30]), (X[10:], y[10:])]
+                  CNNClassifier(random_state=0, **RECIPE), CNNClassifier(random_state=2, **dict(TINY, width=4))]
+    sets = [(X, y), (X[:30], y[:30]), (X[10:], y[10:]), (large, y)]
     with intra_op_threads(1):
         alone = [clone(estimator).fit(*data) for estimator, data in zip(estimators, sets)]
         logistic = LogisticRegression(max_iter=200)
         fitted = classifier.fit_together([(estimator, *data) for estimator, data in zip(estimators, sets)]
                                          + [(logistic, X.reshape(40, -1), y)])
-    assert fitted[:3] == estimators and fitted[3] is logistic and hasattr(logistic, "coef_")
-    for together, single in zip(fitted, alone):
-        assert together.image_shape_ == single.image_shape_ and np.array_equal(together.classes_, single.classes_)
-        np.testing.assert_allclose(together.predict_proba(X), single.predict_proba(X), atol=ROUNDING, rtol=0)
+    assert fitted[:4] == estimators and fitted[4] is logistic and hasattr(logistic, "coef_")
+    for together, single, (images_in, _) in zip(fitted, alone, sets):
+        assert together.image_shape_ == single.image_shape_ == images_in.shape[1:]
+        np.testing.assert_allclose(together.predict_proba(images_in), single.predict_proba(images_in), atol=ROUNDING, rtol=0)
     # the same settings on other images train differently: the check above would be vacuous otherwise
     assert np.abs(fitted[0].predict_proba(X) - fitted[2].predict_proba(X)).max() > 1e-2
 
@@ -300,6 +301,7 @@ def test_a_large_group_splits_across_the_cpu_threads_and_trains_as_it_would_whol
         assert spread([list(range(2 * SPLIT_MIN_MEMBERS - 1))], cpu) == [list(range(2 * SPLIT_MIN_MEMBERS - 1))]
         assert spread([list(range(30)), [30]], cpu) == [list(range(30)), [30]]  # already a job per thread
         assert spread([list(range(30))], cpu, allowed=False) == [list(range(30))]
+        assert spread([], cpu) == []
     with intra_op_threads(1):
         assert spread([list(range(30))], cpu) == [list(range(30))]
     X, y = images

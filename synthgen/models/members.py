@@ -174,7 +174,7 @@ def spread(jobs: list[list[int]], device: torch.device, allowed: bool = True) ->
     each (:func:`concurrently`). Digits 8x8, 2 cores, 300 steps: 30 members 1.16x (15 + 15 side by side against
     one group on two threads, 5 interleaved pairs), 16 members 1.1x, 10 members 1.04x, 4 none (docs/RESULTS.md)."""
     jobs = [list(job) for job in jobs]
-    if not allowed or device.type != "cpu":
+    if not jobs or not allowed or device.type != "cpu":
         return jobs
     while len(jobs) < torch.get_num_threads():
         largest = max(range(len(jobs)), key=lambda j: len(jobs[j]))
