@@ -125,9 +125,8 @@ def fitting_work(config: FilterConfig, y: np.ndarray, held_out: bool, fakes: Gen
     if config.discriminator and config.discriminator_source == "posthoc" and fakes is not None and len(fakes.y):
         work += max(2, config.calibration_folds) * config.discriminator_steps
     if config.classifier:
-        cross_fitted = config.classifier_calibration == "per_class" and not held_out and config.calibration_folds >= 2
-        folds = ConfidenceFilter(folds=config.calibration_folds, random_state=config.seed).held_out_folds(y) if cross_fitted else []
-        work += (1 + len(folds)) * config.classifier_steps
+        confidence = ConfidenceFilter(calibration=config.classifier_calibration, folds=config.calibration_folds, random_state=config.seed)
+        work += (1 + len(confidence.held_out_folds(y, held_out))) * config.classifier_steps
     return work
 
 

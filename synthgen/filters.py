@@ -225,7 +225,9 @@ class ConfidenceFilter(_Filter):
         return CNNClassifier(n_classes=n_classes, steps=self.steps, balanced=True, augment=True, device=self.device,
                              random_state=self.random_state)
 
-    def held_out_folds(self, y: np.ndarray) -> list[np.ndarray]:  # the masks of folds that leave a training set
+    def held_out_folds(self, y: np.ndarray, has_val: bool = False) -> list[np.ndarray]:  # of the fold models fit trains
+        if self.calibration != "per_class" or has_val or self.folds < 2:  # calibrated on held-out images, or not per class
+            return []
         folds = stratified_folds(np.asarray(y), self.folds, 0 if self.random_state is None else int(self.random_state))
         return [held for held in (folds == fold for fold in range(self.folds)) if held.any() and not held.all()]
 
@@ -241,8 +243,7 @@ class ConfidenceFilter(_Filter):
     def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> "ConfidenceFilter":
         X, y = np.asarray(X), np.asarray(y).astype(np.int64)
         n_classes, has_val = self.n_classes or int(np.max(y)) + 1, X_val is not None and len(X_val) > 0
-        cross_fit = self.calibration == "per_class" and not has_val and self.folds >= 2
-        folds = self.held_out_folds(y) if cross_fit else []  # the scorer and the fold models in one call: grouped or side by side
+        folds = self.held_out_folds(y, has_val)  # the scorer and the fold models in one call: grouped or side by side
         fitted = fit_together([(clone(self._base(n_classes)), X, y)] + [(clone(self._base(n_classes)), X[~h], y[~h]) for h in folds])
         self.classifier_, self._last_proba = fitted[0], None
         self.n_fit_samples_ = len(X)  # what the scoring classifier saw: the real training images, nothing else

@@ -141,10 +141,10 @@ def fit_together(fits: list[tuple]) -> list:
     to float rounding. The filters' cross-fitted classifiers and the quality stage's two take about
     two thirds of the time they took one after another (docs/RESULTS.md). Any other estimator fits alone.
     """
-    calls: dict[tuple, list[int]] = {}  # one call per image shape and device: fit_tasks decides grouping and threads by its first task
-    for i, (estimator, X, _) in enumerate(fits):
+    calls: dict[str, list[int]] = {}  # one call per device: fit_tasks takes its bf16 and threads from its first task's
+    for i, (estimator, _, _) in enumerate(fits):
         if type(estimator) is CNNClassifier:  # a subclass may fit otherwise
-            calls.setdefault((np.shape(X)[1:], str(estimator.device)), []).append(i)
+            calls.setdefault(str(estimator.device), []).append(i)
     for indices in calls.values():
         for i, members in zip(indices, fit_tasks([fits[i][0]._task(fits[i][1], fits[i][2]) for i in indices], "auto")):
             fits[i][0]._adopt(members)

@@ -250,12 +250,14 @@ def fit_tasks(tasks: list[dict], batched: bool | str = "auto", cpu_bf16: bool | 
     members = [member for group in per_task for member in group]
     if not members:
         return []
-    if batched == "auto":
-        pixels = int(np.prod(members[0].data.images.shape[2:]))
-        batched = members[0].data.device.type == "cuda" or pixels <= AUTO_BATCH_MAX_PIXELS
+    def grouped(member: Member) -> bool:  # "auto" decided per member: one call may hold several image sizes
+        if batched != "auto":
+            return bool(batched)
+        return member.data.device.type == "cuda" or int(np.prod(member.data.images.shape[2:])) <= AUTO_BATCH_MAX_PIXELS
+
     groups: dict[tuple, list[int]] = {}
     for index, member in enumerate(members):
-        groups.setdefault(member.group_key() if batched else (index,), []).append(index)
+        groups.setdefault(member.group_key() if grouped(member) else (index,), []).append(index)
     states, losses = [None] * len(members), [0.0] * len(members)
     bf16, jobs = cpu_bf16_enabled(members[0].data.device, cpu_bf16), spread(list(groups.values()), members[0].data.device, concurrent)
     trained = concurrently(lambda indices: train_group([members[i] for i in indices], bf16), jobs, members[0].data.device, concurrent)
