@@ -30,6 +30,7 @@ from synthgen.data import LabeledImages, PreparedData
 from synthgen.filter import fit_filters
 from synthgen.prepare import make_splits
 from synthgen.sources import load_source
+from synthgen.host_memory import keep_freed_memory
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 
@@ -44,6 +45,7 @@ def _timed(config, prepared: PreparedData, repeats: int) -> tuple[float, dict]:
 
 
 def main(per_class: int = 10, repeats: int = 3, source: Path = MNIST) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     if not (source / "t10k-images-idx3-ubyte.gz").is_file():
         raise typer.BadParameter(f"MNIST not found at {source}")
     console = Console()

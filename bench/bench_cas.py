@@ -27,6 +27,7 @@ from synthgen.data import load_prepared
 from synthgen.metrics import score, t_interval
 from synthgen.models.classifier import fit_members
 from synthgen.recipes import classifier_params, recipe_named
+from synthgen.host_memory import keep_freed_memory
 
 
 def main(
@@ -34,6 +35,7 @@ def main(
     steps: Annotated[int, typer.Option(help="Classifier steps (the stage's budget).")] = 1000,
     seeds: Annotated[int, typer.Option(help="Classifier seeds.")] = 5,
 ) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     if not (work / "synthetic" / "filter_summary.json").is_file():
         print(f"{work} holds no accepted synthetic set: run `make run` (or bench/bench_gain.py) first, or pass a directory")
         return

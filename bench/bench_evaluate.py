@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from synthgen.models.classifier import fit_members
+from synthgen.host_memory import keep_freed_memory
 
 app = typer.Typer(add_completion=False)
 
@@ -79,6 +80,7 @@ def main(
     augment: Annotated[bool, typer.Option(help="Classical augmentation (the real+classic recipe).")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
 ) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     console = Console(width=160)
     threads = os.environ.get("OMP_NUM_THREADS")
     console.print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join([sys.executable, *sys.argv]), highlight=False)

@@ -47,6 +47,7 @@ from synthgen.filters import FILTERS, SCORE_COLUMNS, per_class_quantile
 from synthgen.metrics import score, t_interval, tail_classes
 from synthgen.models.classifier import fit_members
 from synthgen.recipes import classifier_params, recipe_named
+from synthgen.host_memory import keep_freed_memory
 
 
 def first_passing(labels: np.ndarray, mask: np.ndarray, quotas: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -162,6 +163,7 @@ def main(
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
     first_order: Annotated[int, typer.Option(help="Skip the orders before this one (they are drawn all the same, so a run can be resumed).")] = 0,
 ) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     if not (work / "synthetic" / "filter_summary.json").is_file():
         print(f"{work} holds no finished run: run bench/bench_gain.py first (its --work), or pass a directory")
         return

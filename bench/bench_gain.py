@@ -34,6 +34,7 @@ from synthgen.config import load_config
 from synthgen.data import load_prepared
 from synthgen.artifacts import load_accepted
 from synthgen.artifacts import load_pool
+from synthgen.host_memory import keep_freed_memory
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = {  # source, overrides: MNIST keeps 300 test images per class; CIFAR-3k has 300 per class in all
@@ -155,6 +156,7 @@ def main(
     evaluate_arms: Annotated[bool, typer.Option("--evaluate/--no-evaluate",
                                                 help="--no-evaluate: run only the pipeline (for bench_filter_ablation.py).")] = True,
 ) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     source, dataset_overrides = DATASETS[dataset]
     if not source.exists():
         raise typer.BadParameter(f"{dataset} not found at {source}")

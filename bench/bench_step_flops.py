@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from synthgen.models import ensemble
 from synthgen.models.small_cnn import SmallCNNConfig, seeded_cnn
+from synthgen.host_memory import keep_freed_memory
 
 
 def timed(step, repeats: int) -> float:
@@ -84,6 +85,7 @@ def main(
     width: Annotated[int, typer.Option(help="CNN width (evaluate.width).")] = 16,
     steps: Annotated[int, typer.Option(help="Timed steps per row.")] = 30,
 ) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     console = Console(width=160)
     threads = os.environ.get("OMP_NUM_THREADS")
     console.print("$ " + (f"OMP_NUM_THREADS={threads} " if threads else "") + shlex.join([sys.executable, *sys.argv]), highlight=False)

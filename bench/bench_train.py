@@ -43,6 +43,7 @@ from synthgen.tensors import to_uint8
 from synthgen.models import load_generator
 from synthgen.models.classifier import CNNClassifier
 from synthgen.quality import frechet_distance
+from synthgen.host_memory import keep_freed_memory
 
 
 def mean_pairwise(features: np.ndarray) -> float:
@@ -93,6 +94,7 @@ def main(
     fresh: Annotated[bool, typer.Option(help="Delete old checkpoints first (no resume).")] = True,
     train: Annotated[bool, typer.Option(help="Train first; --no-train re-scores the model already in WORK.")] = True,
 ) -> None:
+    keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     console = Console()
     overrides = [f"data.source={source}", f"data.per_class={per_class}", *(set_ or [])]
     config = load_config(None, overrides)
