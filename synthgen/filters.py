@@ -231,11 +231,11 @@ class ConfidenceFilter(_Filter):
         folds = stratified_folds(np.asarray(y), self.folds, 0 if self.random_state is None else int(self.random_state))
         return [held for held in (folds == fold for fold in range(self.folds)) if held.any() and not held.all()]
 
-    def out_of_fold_proba(self, fold_models: list, X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-        """p(true class) of each real image from the classifier trained on the other folds (``fold_models``, one per
-        :meth:`held_out_folds` mask); NaN for a class with fewer than two images: no fold model saw it."""
+    def out_of_fold_proba(self, fold_models: list, folds: list[np.ndarray], X: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+        """p(true class) of each real image from the classifier trained on the other folds (``fold_models[i]`` never
+        saw the images of mask ``folds[i]``); NaN for a class with fewer than two images: no fold model saw it."""
         proba = np.full(len(y), np.nan)
-        for model, held in zip(fold_models, self.held_out_folds(y), strict=True):
+        for model, held in zip(fold_models, folds, strict=True):
             proba[held] = model.predict_proba(X[held])[np.arange(held.sum()), y[held]]
         proba[np.bincount(y, minlength=n_classes)[y] < 2] = np.nan
         return proba
@@ -256,7 +256,7 @@ class ConfidenceFilter(_Filter):
             held_out, held_y = self.score(X_val, y_val), y_val
             self.calibrated_on_ = "held-out images"
         elif self.folds >= 2:
-            held_out, held_y = self.out_of_fold_proba(fitted[1:], X, y, n_classes), y
+            held_out, held_y = self.out_of_fold_proba(fitted[1:], folds, X, y, n_classes), y
             self.calibrated_on_ = f"out-of-fold probabilities ({self.folds} folds)"
         else:
             return self

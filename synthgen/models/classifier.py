@@ -141,15 +141,13 @@ def fit_together(fits: list[tuple]) -> list:
     to float rounding. The filters' cross-fitted classifiers and the quality stage's two take about
     two thirds of the time they took one after another (docs/RESULTS.md). Any other estimator fits alone.
     """
-    calls: dict[str, list[int]] = {}  # one call per device: fit_tasks takes its bf16 and threads from its first task's
-    for i, (estimator, _, _) in enumerate(fits):
+    calls: dict[str, list[tuple]] = {}  # one call per device: fit_tasks takes its bf16 and threads from its first task's
+    for estimator, X, y in fits:
         if type(estimator) is CNNClassifier:  # a subclass may fit otherwise
-            calls.setdefault(str(estimator.device), []).append(i)
-    for indices in calls.values():
-        for i, members in zip(indices, fit_tasks([fits[i][0]._task(fits[i][1], fits[i][2]) for i in indices], "auto")):
-            fits[i][0]._adopt(members)
-    together = {i for indices in calls.values() for i in indices}
-    for i, (estimator, X, y) in enumerate(fits):
-        if i not in together:
+            calls.setdefault(str(estimator.device), []).append((estimator, X, y))
+        else:
             estimator.fit(X, y)
+    for group in calls.values():
+        for (estimator, _, _), members in zip(group, fit_tasks([estimator._task(X, y) for estimator, X, y in group], "auto")):
+            estimator._adopt(members)
     return [estimator for estimator, _, _ in fits]
