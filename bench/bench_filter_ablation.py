@@ -26,7 +26,14 @@ less than p for their class), alone and as the stage's cut lowered to p with the
 in pixel space, per class); a placebo that rejects as many candidates per class as the first
 ``--quantiles`` cut with confidence and novelty does (or as the stage's accepted set), at random
 (redrawn per order); the novelty filter at other multiples of each class's scale
-(``--novelty``: near-copies of a training image, by pixel distance).
+(``--novelty``: near-copies of a training image, by pixel distance); the stage's filters plus, in each class of
+fewer than ``--judge-min`` real images, the confidence filter's lowest ``--tail-quantiles`` of its candidates (a
+cut no real image calibrates: the classifier saw 1-4 of that class); and with ``--oracle``, the
+ceiling of any filter: the stage's accepted set minus every candidate that a CNN trained on the test
+images reads as another class (cached in WORK/classifier-800.pkl, as ``bench_train.py`` caches it).
+
+The arms train as the evaluate stage trains them: the logit adjustment's prior from the real images'
+counts (``evaluate.logit_adjust_prior: real``) and bf16 on CPUs that have it (``evaluate.cpu_bf16``).
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from synthgen.metrics import score, t_interval, tail_classes
 from synthgen.models.classifier import fit_members
 from synthgen.recipes import classifier_params, recipe_named
 from synthgen.host_memory import keep_freed_memory
+
+from bench_train import held_out_classifier
 
 
 def first_passing(labels: np.ndarray, mask: np.ndarray, quotas: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -78,6 +87,7 @@ def spread_out(x: np.ndarray, labels: np.ndarray, mask: np.ndarray, quotas: np.n
 
 PLACEBO = "random rejection (placebo: per class as many as the first cut + confidence + novelty)"
 STAGE_PLACEBO = "random rejection (placebo: per class as many as the stage's accepted set)"
+ORACLE = "the stage's accepted set minus what a CNN trained on the test images reads as another class (oracle)"
 
 
 def random_rejection(labels: np.ndarray, rejected: np.ndarray, seed: int) -> np.ndarray:
@@ -162,6 +172,8 @@ def main(
     judge_min: Annotated[int, typer.Option(help="A variant filters only classes with at least this many real images.")] = 5,
     only: Annotated[str, typer.Option(help="Comma-separated variant names to run (default: all).")] = "",
     first_order: Annotated[int, typer.Option(help="Skip the orders before this one (they are drawn all the same, so a run can be resumed).")] = 0,
+    tail_quantiles: Annotated[str, typer.Option(help="The stage's filters + reject this quantile of confidence in classes below --judge-min, comma-separated.")] = "",
+    oracle: Annotated[bool, typer.Option(help="Add the stage's set minus what a CNN trained on the test images reads as another class.")] = False,
 ) -> None:
     keep_freed_memory()  # as the CLI runs the stages (SYNTHGEN_HOST_MEMORY=default: glibc's own malloc)
     if not (work / "synthetic" / "filter_summary.json").is_file():
@@ -175,6 +187,14 @@ def main(
     masks = filter_masks(pool.y, manifest, summary, names, [float(q) for q in quantiles.split(",") if q],
                          [float(p) for p in probabilities.split(",") if p], [float(k) for k in novelty.split(",") if k], stage_novelty,
                          prepared.train.counts(), judge_min)
+    stage = masks["all filters (the stage's accepted set)"]
+    confidence, small = manifest[SCORE_COLUMNS["classifier"]].to_numpy(), prepared.train.counts()[pool.y] < judge_min
+    for q in [float(q) for q in tail_quantiles.split(",") if q]:
+        cut = per_class_quantile(confidence, pool.y, len(names), q)
+        masks[f"the stage's filters + confidence rejects its lowest {q:.0%} in classes of < {judge_min} real images"] = stage & ~(small & (confidence < cut[pool.y]))
+    if oracle:  # not a filter anyone can run: it reads the test images
+        read_as = held_out_classifier(prepared, 800, work / "classifier-800.pkl").predict(pool.x)
+        masks[ORACLE] = stage & (read_as == pool.y)
     if only:
         masks = {name: mask for name, mask in masks.items() if name == "no filter" or name in only.split(",")}
     config, tail = EvaluateConfig(device="cpu"), tail_classes(prepared.train.counts())
@@ -190,7 +210,9 @@ def main(
             chosen = (spread_out(pool.x, pool.y, mask, quotas, order) if name.startswith("spread-out")
                       else first_passing(pool.y, mask, quotas, order))
             x, y = np.concatenate([prepared.train.x, pool.x[chosen]]), np.concatenate([prepared.train.y, pool.y[chosen]])
-            members = fit_members(x, y, list(range(seeds)), **params)
+            real = np.arange(len(y)) < len(prepared.train.y)  # the stage's prior_rows (logit_adjust_prior: real)
+            members = fit_members(x, y, list(range(seeds)), cpu_bf16=config.cpu_bf16,
+                                  prior_rows=None if config.logit_adjust_prior == "all" else real, **params)
             scores = [score(prepared.test.y, predicted, prepared.n_classes, tail) for predicted in members.predict(prepared.test.x)]
             accuracy[name].append(float(np.mean([s["balanced_accuracy"] for s in scores])))
             tail_recall[name].append(float(np.mean([s["tail_recall"] for s in scores])))
