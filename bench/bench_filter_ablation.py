@@ -184,11 +184,12 @@ def main(
     summary = json.loads((work / "synthetic" / "filter_summary.json").read_text())
     names = list(prepared.class_names)
     quotas = np.array([summary["per_class"][name]["quota"] for name in names])
+    counts = prepared.train.counts()  # real training images per class
     masks = filter_masks(pool.y, manifest, summary, names, [float(q) for q in quantiles.split(",") if q],
                          [float(p) for p in probabilities.split(",") if p], [float(k) for k in novelty.split(",") if k], stage_novelty,
-                         prepared.train.counts(), judge_min)
+                         counts, judge_min)
     stage = masks["all filters (the stage's accepted set)"]
-    confidence, small = manifest[SCORE_COLUMNS["classifier"]].to_numpy(), prepared.train.counts()[pool.y] < judge_min
+    confidence, small = manifest[SCORE_COLUMNS["classifier"]].to_numpy(), counts[pool.y] < judge_min
     for q in [float(q) for q in tail_quantiles.split(",") if q]:
         cut = per_class_quantile(confidence, pool.y, len(names), q)
         masks[f"the stage's filters + confidence rejects its lowest {q:.0%} in classes of < {judge_min} real images"] = stage & ~(small & (confidence < cut[pool.y]))
@@ -197,7 +198,7 @@ def main(
         masks[ORACLE] = stage & (read_as == pool.y)
     if only:
         masks = {name: mask for name, mask in masks.items() if name == "no filter" or name in only.split(",")}
-    config, tail = EvaluateConfig(device="cpu"), tail_classes(prepared.train.counts())
+    config, tail = EvaluateConfig(device="cpu"), tail_classes(counts)
     params = classifier_params(recipe_named(recipe), config, prepared.n_classes, steps)
     rng = np.random.default_rng(0)
     order_list = ([np.arange(len(pool.y))] + [rng.permutation(len(pool.y)) for _ in range(orders - 1)])[first_order:]
